@@ -1,0 +1,35 @@
+import json
+import math
+
+import pytest
+
+from lorabook import bench
+
+
+def test_row_ratio_is_lorabook_over_peer():
+    r = bench.row("case", "seconds", 2.0, "peer", 4.0, exact=True)
+    assert r == {"case": "case", "metric": "seconds", "lorabook": 2.0, "peer": "peer", "peer_value": 4.0,
+                 "ratio": 0.5, "exact": True}
+    assert math.isnan(bench.row("c", "bytes", 1, "p", 0)["ratio"])
+
+
+def test_json_output_has_the_documented_shape(capsys, monkeypatch):
+    monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
+    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    assert bench.main(["toy", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["benchmark"] == "toy" and out["device"] == "cpu" and out["rows"][0]["ratio"] == 0.5
+
+
+def test_table_output(capsys, monkeypatch):
+    monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
+    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    bench.main(["toy"])
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_unknown_benchmark_names_the_choices(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    with pytest.raises(SystemExit):
+        bench.main(["nope"])
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
