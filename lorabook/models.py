@@ -115,8 +115,16 @@ def load_base_model(name: str | None = None, dtype: torch.dtype = torch.float32,
             f"Unknown model name {name!r}: use None, one of {list(OFFLINE_NAMES)}, "
             f"a Hub id like {HUB_ID!r}, or a folder holding config.json"
         )
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a notebook
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device or "cpu").eval()
     return model, tokenizer
 

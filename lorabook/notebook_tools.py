@@ -1,0 +1,440 @@
+"""Notebook files for ``python -m lorabook.teach``: student copies, execution checks, headless runs, lint, Colab.
+
+The cell conventions are nbgrader's, so an instructor can also use nbgrader itself:
+
+* A **solution cell** is a code cell defining a function whose body holds ``### BEGIN SOLUTION`` …
+  ``### END SOLUTION``; its metadata is ``solution_metadata(grade_id)``. The student copy replaces the region
+  with ``# YOUR CODE HERE`` / ``raise NotImplementedError()`` at the region's indentation, so the cell still
+  runs and only calling the function raises. (A markdown solution cell's region becomes ``YOUR ANSWER HERE``.)
+* The **next code cell** is its grade cell: it calls ``check(student_fn, library_fn, ...)`` and has
+  ``grade_metadata(grade_id)``. ``### BEGIN HIDDEN TESTS`` … ``### END HIDDEN TESTS`` regions in it are
+  removed from the student copy.
+* Every other cell uses the library, so in the student copy exactly the grade cells fail ("the rest still
+  runs"): ``check`` executes both copies and verifies that.
+
+Cells are numbered from 0, as in ``nb.cells``. A cell may raise on purpose when tagged ``raises-exception``
+or when it starts with ``# NBVAL_RAISES_EXCEPTION``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+from lorabook.teach import colab_cells, repo_and_branch
+
+DEFAULT_GLOB = "notebooks/[0-9][0-9]_*.ipynb"
+KERNEL = "python3"
+SOLUTION, HIDDEN = "SOLUTION", "HIDDEN TESTS"  # ### BEGIN <kind> … ### END <kind>
+CODE_STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
+ANSWER_STUB = ["YOUR ANSWER HERE"]
+VOLATILE_CELL_METADATA = ("ExecuteTime", "execution", "outputId", "colab")
+MAX_WIDGET_STATE = 20_000  # bytes of notebook-level widget state we keep
+ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+ABSPATH = re.compile(r"(?<![\w.~])/(?:root|tmp|work|home|Users)/|\b[A-Z]:\\Users\\")
+
+
+class UsageError(Exception):
+    """A bad command-line argument; the message names it."""
+
+
+def solution_metadata(grade_id: str) -> dict:
+    """The metadata of a solution cell (nbgrader's 'autograded answer')."""
+    return {"nbgrader": {"solution": True, "grade": False, "locked": False, "grade_id": grade_id,
+                         "schema_version": 3}}
+
+
+def grade_metadata(grade_id: str, points: int = 1) -> dict:
+    """The metadata of the check cell after a solution cell (nbgrader's 'autograder tests')."""
+    return {"nbgrader": {"solution": False, "grade": True, "locked": True, "points": points,
+                         "grade_id": grade_id, "schema_version": 3}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+
+
+def notebook_paths(args: list[str]) -> list[Path]:
+    """The notebooks named on the command line, or every ``notebooks/NN_*.ipynb`` under the current folder."""
+    if not args:
+        paths = sorted(Path().glob(DEFAULT_GLOB))
+        if not paths:
+            raise UsageError(f"NB: none given and none match {DEFAULT_GLOB} in the current folder")
+        return paths
+    for a in args:
+        if not Path(a).is_file():
+            raise UsageError(f"NB '{a}': no such file" if not Path(a).exists() else f"NB '{a}': not a file")
+        if not a.endswith(".ipynb"):
+            raise UsageError(f"NB '{a}': expected a .ipynb notebook")
+    return [Path(a) for a in args]
+
+
+def read(path: Path):
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as e:
+        raise UsageError(f"NB '{path}': not a readable notebook ({type(e).__name__}: {e})") from None
+
+
+def write(nb, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _meta(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+def _tags(cell) -> list:
+    return cell.metadata.get("tags", [])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# solution and hidden-test regions, student copies
+
+
+def regions(source: str, kind: str) -> list[tuple[int, int]]:
+    """(begin, end) line numbers (from 0) of each ``### BEGIN kind`` … ``### END kind`` region."""
+    begin, end = f"### BEGIN {kind}", f"### END {kind}"
+    found, start = [], None
+    for i, line in enumerate(source.splitlines()):
+        if line.strip().startswith(begin):
+            if start is not None:
+                raise ValueError(f"'{begin}' on line {i + 1} is nested in the one on line {start + 1}")
+            start = i
+        elif line.strip().startswith(end):
+            if start is None:
+                raise ValueError(f"'{end}' on line {i + 1} has no '{begin}' before it")
+            found.append((start, i))
+            start = None
+    if start is not None:
+        raise ValueError(f"'{begin}' on line {start + 1} has no '{end}'")
+    return found
+
+
+def replace_regions(source: str, kind: str, stub: list[str]) -> str:
+    """``source`` with each ``kind`` region (markers included) replaced by ``stub`` at the region's indent."""
+    lines = source.splitlines()
+    for start, stop in reversed(regions(source, kind)):
+        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+        lines[start: stop + 1] = [indent + s for s in stub]
+    return "\n".join(lines) + ("\n" if source.endswith("\n") else "")
+
+
+def student_copy(nb):
+    """A copy without solutions, hidden tests, outputs or execution counts; raises ValueError on bad markers."""
+    nb = copy.deepcopy(nb)
+    nb.metadata = nbformat.NotebookNode({k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")})
+    for i, cell in enumerate(nb.cells):
+        stub = CODE_STUB if cell.cell_type == "code" else ANSWER_STUB
+        try:
+            if _meta(cell).get("solution") and not regions(cell.source, SOLUTION):
+                cell.source = "\n".join(stub)  # nbgrader's rule: a solution cell without a region is all solution
+            cell.source = replace_regions(cell.source, SOLUTION, stub)
+            cell.source = replace_regions(cell.source, HIDDEN, [])
+        except ValueError as e:
+            raise ValueError(f"cell {i}: {e}") from None
+        cell.metadata = nbformat.NotebookNode({k: v for k, v in cell.metadata.items() if k in ("tags", "nbgrader")})
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def exercises(nb) -> list[tuple[int, int | None]]:
+    """(solution cell, its grade cell or None) for every code solution cell: the grade cell is the next code cell."""
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    pairs = []
+    for k, i in enumerate(code):
+        if _meta(nb.cells[i]).get("solution"):
+            nxt = code[k + 1] if k + 1 < len(code) else None
+            pairs.append((i, nxt if nxt is not None and _meta(nb.cells[nxt]).get("grade") else None))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lint
+
+
+def lint_exercises(nb) -> list[str]:
+    """Markers, nbgrader metadata, unique grade ids, and a check cell right after every solution cell."""
+    problems, ids = [], {}
+    for i, cell in enumerate(nb.cells):
+        meta = _meta(cell)
+        try:
+            sol, hidden = regions(cell.source, SOLUTION), regions(cell.source, HIDDEN)
+        except ValueError as e:
+            problems.append(f"cell {i}: {e}")
+            continue
+        if sol and not meta.get("solution"):
+            problems.append(f"cell {i}: has a '### BEGIN SOLUTION' region but no solution metadata "
+                            f"(set cell.metadata to solution_metadata(grade_id))")
+        if meta.get("solution") and not sol:
+            problems.append(f"cell {i}: solution cell without a '### BEGIN SOLUTION' region")
+        lines = cell.source.splitlines()
+        if cell.cell_type == "code" and any(lines[a] == lines[a].lstrip() for a, _ in sol):
+            problems.append(f"cell {i}: the solution region must sit inside a function body (indented), "
+                            f"so the student's stub raises only when the function is called")
+        if hidden and not meta.get("grade"):
+            problems.append(f"cell {i}: hidden tests belong in a grade cell")
+        for flag, want in (("solution", solution_metadata), ("grade", grade_metadata)):
+            if meta.get(flag):
+                expected = want(meta.get("grade_id", ""))["nbgrader"]
+                wrong = sorted(k for k, v in expected.items() if k != "points" and meta.get(k) != v)
+                if wrong or not meta.get("grade_id"):
+                    problems.append(f"cell {i}: {flag} cell metadata must include {expected} "
+                                    f"(wrong or missing: {', '.join(wrong) or 'grade_id'})")
+        if meta.get("grade") and not (isinstance(meta.get("points"), (int, float)) and meta["points"] > 0):
+            problems.append(f"cell {i}: grade cell needs points > 0, got {meta.get('points')!r}")
+        gid = meta.get("grade_id")
+        if gid is not None:
+            if gid in ids:
+                problems.append(f"cell {i}: duplicate grade_id {gid!r} (also cell {ids[gid]})")
+            ids.setdefault(gid, i)
+    for sol, grade in exercises(nb):
+        if grade is None:
+            problems.append(f"cell {sol}: solution cell is not followed by a grade cell (the next code cell)")
+        elif "check(" not in nb.cells[grade].source:
+            problems.append(f"cell {grade}: grade cell should call check(...) against the library")
+    return problems
+
+
+def output_text(cell) -> str:
+    """All text a code cell's outputs show (streams, text/* data, errors); images are skipped."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type == "error":
+            parts += [out.ename, out.evalue, *out.traceback]
+        else:
+            parts += [v if isinstance(v, str) else "".join(v) for k, v in out.get("data", {}).items()
+                      if k.startswith("text/")]
+    return "\n".join(parts)
+
+
+def lint_outputs(nb) -> list[str]:
+    """No memory addresses or absolute paths in outputs; execution counts present and increasing."""
+    problems, last = [], 0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        text = output_text(cell)
+        for pattern, what in ((ADDRESS, "a memory address"), (ABSPATH, "an absolute path")):
+            if m := pattern.search(text):
+                problems.append(f"cell {i}: output shows {what}: {text[m.start():].split()[0][:80]!r}")
+        count = cell.execution_count
+        if cell.outputs and count is None:
+            problems.append(f"cell {i}: has outputs but no execution_count (nbval fails on that)")
+        if count is not None:
+            if count <= last:
+                problems.append(f"cell {i}: execution_count {count} after {last}: run the notebook top to bottom")
+            last = count
+    return problems
+
+
+def lint_colab(nb, name: str) -> list[str]:
+    """The badge is the first cell and the setup cell the first code cell, exactly as ``colab`` writes them."""
+    fix = f"run `python -m lorabook.teach colab` (REPO/BRANCH now {'@'.join(repo_and_branch())})"
+    problems = []
+    first_code = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), None)
+    for cell, where, what in zip(colab_cells(name), (0, first_code), ("first cell", "first code cell")):
+        tag = cell.metadata["tags"][0]
+        found = [i for i, c in enumerate(nb.cells) if tag in _tags(c)]
+        if found != [where]:
+            problems.append(f"the {what} must be the only cell tagged {tag!r} (tagged: {found}); {fix}")
+        elif nb.cells[where].source != cell.source:
+            problems.append(f"cell {where}: the {tag!r} cell is stale; {fix}")
+    return problems
+
+
+def lint(nb, name: str) -> list[str]:
+    try:
+        nbformat.validate(nb)
+        problems = []
+    except nbformat.ValidationError as e:
+        problems = [f"invalid notebook: {str(e).splitlines()[0]}"]
+    return problems + lint_exercises(nb) + lint_outputs(nb) + lint_colab(nb, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# execution
+
+
+def raises_on_purpose(cell) -> bool:
+    tagged = {"raises-exception", "nbval-raises-exception"} & set(_tags(cell))
+    return bool(tagged) or cell.source.lstrip().startswith("# NBVAL_RAISES_EXCEPTION")
+
+
+def execute(nb, folder: Path, timeout: int) -> tuple[dict[int, tuple[str, str]], str | None]:
+    """Run ``nb`` in place in a fresh ``python3`` kernel with cwd ``folder``, going on after errors.
+
+    Returns ({cell: (ename, evalue)} for cells that raised, and why the run stopped early or None)."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    client = NotebookClient(nb, kernel_name=KERNEL, timeout=timeout, allow_errors=True, record_timing=False,
+                            resources={"metadata": {"path": str(folder)}})
+    stopped = None
+    try:
+        client.execute()
+    except (CellTimeoutError, DeadKernelError) as e:
+        stopped = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    errors = {}
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.output_type == "error":
+                errors[i] = (out.ename, out.evalue.splitlines()[0][:200] if out.evalue else "")
+    return errors, stopped
+
+
+def strip_volatile(nb) -> None:
+    """Drop timing and Colab cell metadata and huge widget state; tags and nbgrader metadata stay."""
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+    widgets = nb.metadata.get("widgets")
+    if widgets is not None and len(json.dumps(widgets)) > MAX_WIDGET_STATE:
+        del nb.metadata["widgets"]
+
+
+def check_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
+    """(problems, summary): the solutions run clean and, in the student copy, exactly the check cells fail."""
+    nb = read(path)
+    problems = lint_exercises(nb)
+    if problems:
+        return problems, "cell conventions broken; not executed"
+    expected = {grade: sol for sol, grade in exercises(nb)}
+    t0 = time.perf_counter()
+    errors, stopped = execute(copy.deepcopy(nb), path.parent, timeout)
+    t1 = time.perf_counter()
+    problems += [f"instructor: execution stopped: {stopped}"] if stopped else []
+    problems += [f"instructor: cell {i} raises {e}: {v}" for i, (e, v) in errors.items()
+                 if not raises_on_purpose(nb.cells[i])]
+    student = student_copy(nb)
+    errors, stopped = execute(student, path.parent, timeout)
+    t2 = time.perf_counter()
+    problems += [f"student copy: execution stopped: {stopped}"] if stopped else []
+    for grade in expected:
+        gid = _meta(nb.cells[grade]).get("grade_id")
+        if grade not in errors and not stopped:
+            problems.append(f"student copy: check cell {grade} ({gid!r}) passes with the stub — it cannot fail")
+        elif grade in errors and errors[grade][0] not in ("AssertionError", "NotImplementedError"):
+            problems.append(f"student copy: check cell {grade} ({gid!r}) fails for another reason: "
+                            f"{': '.join(errors[grade])}")
+    for i, (e, v) in errors.items():
+        if i not in expected and not raises_on_purpose(nb.cells[i]):
+            problems.append(f"student copy: cell {i} raises {e}: {v} — only check cells may fail; later cells "
+                            f"must use the library's version, not the student's")
+    summary = (f"{_count(len(expected), 'exercise')}; solutions run clean ({t1 - t0:.1f} s); in the student copy exactly "
+               f"the check cells fail ({t2 - t1:.1f} s)")
+    return problems, summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# commands: each prints a short report per notebook and returns the exit status
+
+
+def _report_each(paths: list[Path], fn) -> int:
+    """Print ``path: ok — summary`` or ``path: FAILED`` and the problems that ``fn(path)`` found; 1 if any."""
+    status = 0
+    for path in paths:
+        problems, summary = fn(path)
+        if not problems:
+            print(f"{path}: ok{' — ' + summary if summary else ''}")
+            continue
+        status = 1
+        print(f"{path}: FAILED ({_count(len(problems), 'problem')})")
+        print("".join(f"  {p}\n" for p in problems), end="")
+    return status
+
+
+def student_command(paths: list[Path], out: Path) -> int:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out DIR: '{out}' exists and is not a directory")
+    names = [p.name for p in paths]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise UsageError(f"NB: several notebooks are named {dup[0]}; the student copies would overwrite each other")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def one(path):
+        try:
+            nb = student_copy(read(path))
+        except ValueError as e:
+            return [f"{e} (no student copy written)"], ""
+        write(nb, out / path.name)
+        return [], f"{out / path.name}, {_count(len(exercises(nb)), 'exercise')}"
+    return _report_each(paths, one)
+
+
+def run_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
+    """Execute in place, strip volatile metadata and write back; (problems, summary). Not written on errors."""
+    nb = read(path)
+    t0 = time.perf_counter()
+    errors, stopped = execute(nb, path.parent, timeout)
+    seconds = time.perf_counter() - t0
+    problems = [f"execution stopped: {stopped}"] if stopped else []
+    problems += [f"cell {i} raises {e}: {v}" for i, (e, v) in errors.items() if not raises_on_purpose(nb.cells[i])]
+    if problems:
+        return problems + ["(notebook not written)"], ""
+    strip_volatile(nb)
+    write(nb, path)
+    leaks = [p for p in lint_outputs(nb) if "memory address" in p or "absolute path" in p]
+    return leaks + [f"(written anyway, ran in {seconds:.1f} s: fix these cells and run again)"] * bool(leaks), \
+        f"ran in {seconds:.1f} s"
+
+
+def check_command(paths: list[Path], timeout: int) -> int:
+    return _report_each(paths, lambda path: check_notebook(path, timeout))
+
+
+def run_command(paths: list[Path], timeout: int) -> int:
+    return _report_each(paths, lambda path: run_notebook(path, timeout))
+
+
+def lint_command(paths: list[Path]) -> int:
+    return _report_each(paths, lambda path: (lint(read(path), path.stem), ""))
+
+
+def add_colab_cells(nb, name: str) -> bool:
+    """Put the badge first and the setup cell before the first code cell; True when ``nb`` changed."""
+    before = nbformat.writes(nb)
+    badge, setup = colab_cells(name)
+    old_setup = [c for c in nb.cells if "colab-setup" in _tags(c)]
+    if old_setup and old_setup[0].source == setup.source:
+        setup = old_setup[0]  # unchanged: keep its execution count and (empty) outputs
+    cells = [c for c in nb.cells if not {"colab-badge", "colab-setup"} & set(_tags(c))]
+    first_code = next((i for i, c in enumerate(cells) if c.cell_type == "code"), len(cells))
+    cells.insert(first_code, setup)
+    cells.insert(0, badge)
+    if nb.nbformat_minor < 5:  # cell ids arrived in nbformat 4.5
+        for c in cells:
+            c.pop("id", None)
+    nb.cells = cells
+    return nbformat.writes(nb) != before
+
+
+def colab_command(paths: list[Path]) -> int:
+    for path in paths:
+        nb = read(path)
+        changed = add_colab_cells(nb, path.stem)
+        if changed:
+            write(nb, path)
+        print(f"{path}: {'Colab cells written' if changed else 'Colab cells up to date'} "
+              f"({'@'.join(repo_and_branch())})")
+    return 0
