@@ -52,23 +52,28 @@ def format_table(name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_all() -> None:
-    """Import the modules that register benchmarks (each keeps its benchmark next to its code)."""
+def _load_all() -> dict[str, Callable[..., list[dict]]]:
+    """Import the modules that register benchmarks (each keeps its benchmark next to its code).
+
+    Returns the registry of the importable ``lorabook.bench``: under ``python -m`` this file also runs as
+    ``__main__``, a second module object whose own BENCHMARKS the others never see."""
+    import lorabook.bench as registry
     from . import memory  # noqa: F401  (registers "memory")
+    return registry.BENCHMARKS
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_all()
+    benchmarks = _load_all()
     parser = argparse.ArgumentParser(prog="python -m lorabook.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("name", help=f"one of {sorted(BENCHMARKS)} or 'all'")
+    parser.add_argument("name", help=f"one of {sorted(benchmarks)} or 'all'")
     parser.add_argument("--json", action="store_true", help="print one JSON object per benchmark on stdout")
     parser.add_argument("--quick", action="store_true", help="smaller cases (a smoke run)")
     args = parser.parse_args(argv)
-    if args.name != "all" and args.name not in BENCHMARKS:
-        parser.error(f"unknown benchmark {args.name!r}; choose one of {sorted(BENCHMARKS)} or 'all'")
-    names = sorted(BENCHMARKS) if args.name == "all" else [args.name]
+    if args.name != "all" and args.name not in benchmarks:
+        parser.error(f"unknown benchmark {args.name!r}; choose one of {sorted(benchmarks)} or 'all'")
+    names = sorted(benchmarks) if args.name == "all" else [args.name]
     for name in names:
-        rows = BENCHMARKS[name](quick=args.quick)
+        rows = benchmarks[name](quick=args.quick)
         if args.json:
             print(json.dumps({"benchmark": name, "device": device_name(), "rows": rows}))
         else:

@@ -15,7 +15,7 @@ def test_row_ratio_is_lorabook_over_peer():
 
 def test_json_output_has_the_documented_shape(capsys, monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
-    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
     assert bench.main(["toy", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["benchmark"] == "toy" and out["device"] == "cpu" and out["rows"][0]["ratio"] == 0.5
@@ -23,13 +23,13 @@ def test_json_output_has_the_documented_shape(capsys, monkeypatch):
 
 def test_table_output(capsys, monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
-    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
     bench.main(["toy"])
     assert "ratio" in capsys.readouterr().out
 
 
 def test_unknown_benchmark_names_the_choices(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_load_all", lambda: None)
+    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
     with pytest.raises(SystemExit):
         bench.main(["nope"])
     assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -1,0 +1,421 @@
+"""What training costs in memory: an analytic estimate, derived tensor by tensor, checked against a measurement.
+
+References: Hu et al., "LoRA" (2021, arXiv:2106.09685) sec. 4.2 (GPT-3 175B: VRAM 1.2 TB -> 350 GB, 10,000x
+fewer trainable parameters); Dettmers et al., "QLoRA" (2023, arXiv:2305.14314) sec. 3-4 (NF4 with double
+quantization, 4 + 8/64 + 32/(64*256) = 4.127 bits per weight; the LLaMA-7B footprint); Rajbhandari et al.,
+"ZeRO" (2020, arXiv:1910.02054) sec. 3.1 (mixed-precision Adam: 2 + 2 + 12 bytes per parameter); Dettmers et
+al., "8-bit Optimizers" (2022, arXiv:2110.02861) (1-byte states, an fp32 absmax per block of 256); Korthikanti
+et al. (2022, arXiv:2205.05198) sec. 4 (activations per layer as a sum of saved tensors).
+
+The seed's picture, fp32 + Adam, per parameter: weights 4 B + gradients 4 B + Adam m and v 8 B, plus the forward
+activations, which grow with batch B and sequence T, not with the parameter count P:
+
+    memory ~ 16 P + activations(B, T)             (``naive_total``: the four ``slots`` added up)
+
+A step never holds all four at once: with ``zero_grad(set_to_none=True)`` no gradient exists during the forward,
+and the backward frees saved activations while it creates gradients. ``estimate`` follows one steady-state step
+(the optimizer states exist) through its moments and reports the largest as ``total``; W weights, O optimizer
+states, A saved activations, G gradients, N = B T tokens, V vocabulary, d width, a / g bytes per activation /
+gradient element:
+
+    forward, at the loss   W + O + A + a N V (logits) (+ 4 N V: their fp32 upcast when a = 2)
+    backward, at the loss  W + O + A + 2 * 4 N V      d log-probs and d logits, fp32
+    backward, lm_head      W + O + A - 4 N V + a N V + G(head)
+    backward, layer i      W + O + G(head, layers > i) + A(layers <= i) + the peak of layer i's backward,
+                           replayed node by node (each node allocates its input and weight gradients, then
+                           autograd frees what it consumed and what it had saved)
+    backward, embedding    W + O + G + 2 V d g         tied head: its gradient waits in the engine's buffer for
+                                                       the embedding's, and the two are summed into a third
+    optimizer step         W + O + G + scratch         torch AdamW on CPU: sqrt(v), then sqrt(v)/c, for the largest
+                                                       trainable tensor (2x it); foreach on CUDA: 1x all of them
+
+Full fine-tuning of SmolLM2 peaks at the end of the backward (tied embeddings) / the optimizer step; LoRA at the
+start of the backward, where the B T V terms of a 49152-word vocabulary weigh as much as all layers.
+
+Saved activations per decoder layer are derived term by term in ``lorabook.activations``. In short:
+
+fp32 full fine-tuning: 4 (8 d + 2 d_kv + 4 f + 2) + 4 H bytes per token and layer. A frozen weight needs no
+input: LoRA on q, v drops both x^ terms, the MLP input and the down_proj input. With frozen embeddings layer 0's
+input does not require grad, so layer 0 also drops its input RMSNorm. Once per model: RoPE cos and sin (2 T
+d_head a, shared by all layers), the final RMSNorm, the lm_head input (if it trains), the fp32 log-probabilities
+of cross-entropy (4 V per token: 196 KB for SmolLM2) and the int64 targets (with B = 1 the shifted labels keep the
+padded (1, T + 1) tensor), plus the input ids. Gradient checkpointing (HF, non-reentrant, which also makes the
+embedding output require grad) keeps each layer's input (a d per token) and the position ids, and recomputes one
+layer's activations during its backward. qlora: bitsandbytes' 4-bit matmul saves only the packed weight, like a
+frozen linear, and de-quantizes one weight (a x in x out bytes) for a moment.
+
+``measure`` (lorabook.memory_plot, re-exported here) runs real steps under torch's MemTracker; the bench
+``python -m lorabook.bench memory`` puts the two side by side.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import torch.nn as nn
+
+from .activations import layer_backward, layer_saved
+
+
+METHODS = ("full", "lora", "qlora")
+DTYPES = ("fp32", "bf16", "fp16", "mixed")
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw")
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # bytes of a weight / activation element
+_STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2}
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 code + FP8 absmax per 64 + fp32 per 256 absmaxes = 4.127 bits
+CATEGORIES = ("weights", "gradients", "optimizer", "activations")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shapes that memory depends on. ``mlp``: "swiglu" (Llama) or "gelu" (GPT); ``norm``: "rmsnorm" or
+    "layernorm"; ``n_params`` (optional) overrides the count computed from the shapes (a paper's nominal size)."""
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    vocab_size: int
+    tie_embeddings: bool = True
+    n_params: int | None = None
+    head_dim: int | None = None
+    mlp: str = "swiglu"
+    norm: str = "rmsnorm"
+    bias: bool = False
+    n_positions: int = 0  # learned position embeddings (GPT); 0 = RoPE
+    name: str = "custom"
+
+    def __post_init__(self):
+        for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise ValueError(f"ModelSpec.{k} must be a positive int, got {getattr(self, k)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise _bad("mlp", self.mlp, ("swiglu", "gelu"))
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise _bad("norm", self.norm, ("rmsnorm", "layernorm"))
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Per decoder layer: linear name -> (in, out), with HF Llama names (GPT's Wq.. mapped onto them)."""
+        dq, dkv, d, f = self.n_heads * self.hd, self.n_kv_heads * self.hd, self.d_model, self.d_ff
+        lin = {"self_attn.q_proj": (d, dq), "self_attn.k_proj": (d, dkv), "self_attn.v_proj": (d, dkv),
+               "self_attn.o_proj": (dq, d)}
+        if self.mlp == "swiglu":
+            lin["mlp.gate_proj"] = (d, f)
+        lin.update({"mlp.up_proj": (d, f), "mlp.down_proj": (f, d)})
+        return lin
+
+    def count(self) -> int:
+        """Parameters computed from the shapes (tied embeddings counted once)."""
+        d, norm_p = self.d_model, (2 if self.norm == "layernorm" else 1) * self.d_model
+        layer = sum(i * o + (o if self.bias else 0) for i, o in self.linears().values()) + 2 * norm_p
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.n_layers * layer + self.vocab_size * d + self.n_positions * d + norm_p + head
+
+
+KNOWN_MODELS = {  # the bare sizes from the papers / model cards
+    "smollm2-135m": ModelSpec(30, 576, 9, 3, 1536, 49152, True, name="smollm2-135m"),
+    "llama-7b": ModelSpec(32, 4096, 32, 32, 11008, 32000, False, name="llama-7b"),
+    "llama-65b": ModelSpec(80, 8192, 64, 64, 22016, 32000, False, name="llama-65b"),
+    "gpt2-medium": ModelSpec(24, 1024, 16, 16, 4096, 50257, True, mlp="gelu", norm="layernorm", bias=True,
+                             n_positions=1024, name="gpt2-medium"),
+    "gpt3-175b": ModelSpec(96, 12288, 96, 96, 49152, 50257, True, mlp="gelu", norm="layernorm", bias=True,
+                           n_positions=2048, name="gpt3-175b"),
+}
+
+
+def _bad(arg: str, value, allowed) -> ValueError:
+    return ValueError(f"{arg} must be one of {list(allowed)}, got {value!r}")
+
+
+def as_spec(model) -> ModelSpec:
+    """A ModelSpec from a known name, a ModelSpec, a transformers config or an nn.Module with ``.config``."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        if model.lower() not in KNOWN_MODELS:
+            raise _bad("model", model, KNOWN_MODELS)
+        return KNOWN_MODELS[model.lower()]
+    cfg = getattr(model, "config", model)
+    get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)
+    d = get("hidden_size", "n_embd")
+    if d is None:
+        raise ValueError(f"model must be a name in {list(KNOWN_MODELS)}, a ModelSpec, a transformers config or "
+                         f"a model with .config; got {type(model).__name__}")
+    heads = get("num_attention_heads", "n_head")
+    gpt = hasattr(cfg, "n_embd")
+    spec = ModelSpec(
+        n_layers=get("num_hidden_layers", "n_layer"), d_model=d, n_heads=heads,
+        n_kv_heads=get("num_key_value_heads", default=heads), d_ff=get("intermediate_size", "n_inner",
+                                                                        default=4 * d),
+        vocab_size=cfg.vocab_size, tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
+        head_dim=get("head_dim"), mlp="gelu" if gpt else "swiglu", norm="layernorm" if gpt else "rmsnorm",
+        bias=gpt or bool(getattr(cfg, "attention_bias", False)), n_positions=get("n_positions", default=0) if gpt
+        else 0, name=getattr(cfg, "model_type", "custom"))
+    if isinstance(model, nn.Module):  # the real count (LoRA adapters already on it are not counted)
+        real = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        spec = replace(spec, n_params=real if real != spec.count() else None)
+    return spec
+
+
+def lora_modules(spec: ModelSpec, targets) -> list[str]:
+    """Names (HF Llama style) of the linears ``targets`` selects, like ``lorabook.lora.find_targets``."""
+    names = [f"model.layers.{i}.{k}" for i in range(spec.n_layers) for k in spec.linears()] + ["lm_head"]
+    if targets == "all-linear":
+        chosen = names[:-1]
+    elif isinstance(targets, str):
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+    elif isinstance(targets, (list, tuple, set, frozenset)) and targets:
+        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in targets)]
+    else:
+        raise ValueError(f"lora_targets must be a non-empty list of names, a regex or 'all-linear', "
+                         f"got {targets!r}")
+    if not chosen:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"lora_targets={targets!r} matches no linear layer; linear layers here: {kinds}")
+    return chosen
+
+
+@dataclass
+class Estimate:
+    """Bytes by category at the peak moment of a steady-state training step, plus how it was derived."""
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # everything else live at the peak: saved activations, temporaries, inputs
+    total: int
+    peak_moment: str
+    saved_activations: int  # all saved activations at the end of the forward (the seed's "forward" slot)
+    naive_total: int  # the seed's sum of its four slots (below)
+    slots: dict[str, int] = field(default_factory=dict)  # weights, gradients, optimizer, forward: whole-step sizes
+    moments: dict[str, int] = field(default_factory=dict)
+    activation_terms: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, int] = field(default_factory=dict)  # weights / optimizer split: NF4 codes, constants, ...
+    trainable_params: int = 0
+    params: int = 0
+    notes: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def categories(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in CATEGORIES}
+
+    def as_dict(self) -> dict:
+        return {**self.categories(), "total": self.total, "peak_moment": self.peak_moment,
+                "saved_activations": self.saved_activations, "naive_total": self.naive_total, "slots": dict(self.slots),
+                "trainable_params": self.trainable_params, "params": self.params, "moments": dict(self.moments),
+                "parts": dict(self.parts), "activation_terms": dict(self.activation_terms),
+                "notes": list(self.notes), **self.config}
+
+    def table(self) -> str:
+        c = self.config
+        head = (f"{c.get('model')}: {c.get('method')}, {c.get('dtype')}, {c.get('optimizer')}, "
+                f"batch {c.get('batch_size')} x seq {c.get('seq_len')}"
+                + (", checkpointing" if c.get("gradient_checkpointing") else ""))
+        row = lambda k, v: f"  {k:<38} {human(v):>11}"
+        lines = [head, f"at the peak ({self.peak_moment}):"] + [row(k, v) for k, v in self.categories().items()]
+        lines += [row("total", self.total), "the seed's four slots, added up:"]
+        lines += [row(k, v) for k, v in self.slots.items()] + [row("sum", self.naive_total)]
+        lines += ["parts:"] + [row(k, v) for k, v in self.parts.items()]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    __str__ = table
+
+
+def human(n: float) -> str:
+    """Bytes as MiB / GiB / TiB (powers of 1024)."""
+    for unit, div in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def estimate(model, method: str = "full", dtype: str | None = None, optimizer: str = "adamw",
+             batch_size: int = 1, seq_len: int = 512, lora_rank: int = 8, lora_targets=("q_proj", "v_proj"),
+             gradient_checkpointing: bool = False, lora_dropout: float = 0.0, device: str = "cpu") -> Estimate:
+    """Analytic peak memory of one steady-state training step (see the module docstring for the moments).
+
+    dtype: "fp32" | "bf16" | "fp16" | "mixed" (16-bit weights and grads, fp32 master copy and Adam states,
+    counted with the optimizer as in ZeRO); None = "fp32", or "bf16" for qlora (the paper's compute dtype).
+    method "qlora": decoder linears in NF4 with double quantization (4.127 bits), the rest and LoRA in ``dtype``.
+    device: "cpu" (torch optimizers run per tensor) or "cuda" (foreach: scratch for all trainable tensors).
+    """
+    spec = as_spec(model)
+    dtype = dtype or ("bf16" if method == "qlora" else "fp32")
+    for arg, value, allowed in (("method", method, METHODS), ("dtype", dtype, DTYPES),
+                                ("optimizer", optimizer, OPTIMIZERS), ("device", device, ("cpu", "cuda"))):
+        if value not in allowed:
+            raise _bad(arg, value, allowed)
+    B, T = _positive("batch_size", batch_size), _positive("seq_len", seq_len)
+    r = _positive("lora_rank", lora_rank)
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    N, d, V, L = B * T, spec.d_model, spec.vocab_size, spec.n_layers
+    a = w = _BYTES[dtype]  # activation and weight element bytes
+    full = method == "full"
+    lora = [] if full else lora_modules(spec, lora_targets)
+    by_layer: list[set[str]] = [set() for _ in range(L)]
+    for n in lora:
+        if n != "lm_head":
+            i, k = n.split(".")[2], n.rsplit(".", 1)[-1]
+            by_layer[int(i)].add(k)
+    lins = spec.linears()
+    short = {k.rsplit(".", 1)[-1]: v for k, v in lins.items()}
+    head_lora = "lm_head" in lora
+
+    # ---- parameters: (numel, trainable) per tensor; LoRA adds r (in + out) per adapted linear
+    P = spec.n_params or spec.count()
+    P_linear = L * sum(i * o for i, o in lins.values())
+    tensors = [(spec.vocab_size * d, full)] + [(i * o, full) for _ in range(L) for i, o in lins.values()]
+    if not spec.tie_embeddings:
+        tensors.append((V * d, full))
+    small = P - sum(n for n, _ in tensors)  # norms, biases, positions: many small tensors
+    tensors += [(d, full)] * max(1, small // d) if small > 0 else []
+    tensors += [(r * n, True) for k in lora for n in ((d, V) if k == "lm_head" else short[k.rsplit(".", 1)[-1]])]
+    trainable = [n for n, t in tensors if t]
+    P_train = P if full else sum(trainable)
+
+    notes, parts = [], {}
+    if method == "qlora":  # decoder linears as NF4 codes + constants; embeddings, head, norms in dtype
+        parts["weights: NF4 codes (4 bits)"] = P_linear // 2
+        parts["weights: quantization constants"] = math.ceil(P_linear * (NF4_BITS - 4) / 8)
+        parts[f"weights: embeddings, norms ({dtype})"] = (P - P_linear) * w
+        notes.append(f"qlora: {P_linear:,} linear weights at {NF4_BITS:.3f} bits (NF4 + double-quantized "
+                     f"constants), the rest and LoRA in {dtype}")
+    else:
+        parts[f"weights: base ({dtype})"] = P * w
+    if not full:
+        parts[f"weights: LoRA ({dtype})"] = sum(trainable) * w
+    parts["weights: RoPE buffers"] = 4 * spec.hd if spec.n_positions == 0 else 0  # inv_freq: 2 copies of hd/2
+    weights = sum(parts.values())
+    g = w  # gradients in the parameter dtype (16-bit under "mixed", as in ZeRO)
+    gradients = P_train * g
+    s = 4 if dtype == "mixed" or optimizer == "paged_adamw" else w  # torch keeps states in the param dtype
+    if optimizer == "adamw8bit":  # bitsandbytes: 8-bit states in blocks of 256 for tensors >= 4096 elements
+        opt = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in trainable)
+    else:
+        opt = _STATES[optimizer] * s * P_train
+        if optimizer in ("adam", "adamw", "rmsprop"):
+            opt += 4 * len(trainable)  # torch's per-tensor step counter (a float32 scalar tensor)
+    parts["optimizer: states"] = opt
+    if dtype == "mixed":
+        opt += 4 * P_train  # fp32 master weights live with the optimizer (ZeRO's K = 12 for Adam)
+        parts["optimizer: fp32 master weights"] = 4 * P_train
+        notes.append("mixed: fp32 master weights counted with the optimizer states (ZeRO's 2+2+12 bytes/param)")
+    if optimizer == "paged_adamw":
+        notes.append("paged_adamw: same bytes as 32-bit AdamW, but its pages can be evicted to host memory "
+                     "under pressure (NVIDIA unified memory), so they need not all sit on the GPU at the peak")
+
+    # ---- saved activations, layer by layer (the derivation in the module docstring)
+    # LoRA dropout's mask: CUDA's fused kernel keeps a bool per element, the CPU path a float noise tensor
+    drop = 0 if lora_dropout == 0 else (1 if device == "cuda" else a)
+    x_req = full or gradient_checkpointing  # (HF's checkpointing makes the embedding output require grad)
+    per_layer, terms, saved, reqs = [], {}, [], []
+    for i in range(L):
+        t, out_req = layer_saved(spec, a, full, by_layer[i], r, x_req, N, drop)
+        per_layer.append(sum(t.values()))
+        saved.append(t), reqs.append(x_req)
+        for k, v in t.items():
+            terms[k] = terms.get(k, 0) + v
+        x_req = out_req
+    ckpt_in = a * d * N  # what checkpointing keeps per layer: its input hidden states
+    top = {"RoPE cos, sin (shared)": 2 * T * spec.hd * a if spec.n_positions == 0 and x_req else 0,
+           "position ids (kept by checkpoints)": 8 * T if gradient_checkpointing else 0}
+    top.update({"final norm x (fp32)": 4 * d * N + 4 * N if x_req else 0,
+                "final norm x^": a * d * N if full else 0,
+                "lm_head input": a * d * N if full or head_lora else 0,
+                "lm_head LoRA: A x": a * r * N if head_lora else 0,
+                "cross-entropy log-probs (fp32)": 4 * V * N if x_req or head_lora else 0,
+                # labels shifted by pad + slice + .contiguous(): with B = 1 the slice is already contiguous
+                # and keeps the padded (1, T + 1) storage alive
+                "cross-entropy targets": 8 * (N + (B == 1)), "loss, total weight (scalars)": 8})
+    if spec.norm == "layernorm":
+        top["final norm x (fp32)"], top["final norm x^"] = ((a * d + 8) * N if x_req else 0), 0
+    inputs = 8 * N  # the token ids we feed (labels are the same tensor; the embedding saves this one too)
+    A_top = sum(top.values())
+    if gradient_checkpointing:
+        A_layers = [ckpt_in] * L
+        notes.append("checkpointing: each layer keeps its input; one layer is recomputed during its backward")
+    else:
+        A_layers = per_layer
+    A = sum(A_layers) + A_top + inputs
+    terms = {**{f"layers: {k}": v for k, v in terms.items() if v}, **{k: v for k, v in top.items() if v},
+             "inputs (token ids)": inputs}
+    if gradient_checkpointing:
+        terms = {"layers: checkpointed inputs": ckpt_in * L, **{k: v for k, v in top.items() if v},
+                 "inputs (token ids)": inputs}
+
+    # ---- the moments of one step (W, O: always there; G: built up during the backward)
+    W, O = weights, opt
+    lp = 4 * V * N if top["cross-entropy log-probs (fp32)"] else 0
+    moments = {"forward: loss": W + O + A + a * V * N + (4 * V * N if a != 4 else 0)}
+    if lp:
+        moments["backward: loss"] = W + O + A + 2 * 4 * V * N
+    head_train = (V * d if full else 0) + (r * (d + V) if head_lora else 0)
+    G_head = head_train * g + (d * g if full else 0)  # lm_head (tied: the embedding's) and the final norm
+    moments["backward: lm_head"] = W + O + A - lp + a * V * N + G_head + a * d * N
+    norm_p = d * (2 if spec.norm == "layernorm" else 1)
+    G_layer = [(sum((i + spec.bias) * o for i, o in lins.values()) + 2 * norm_p if full else
+                sum(r * sum(short[k]) for k in by_layer[j])) * g for j in range(L)]
+    stream = a * d * N  # the gradient flowing down the residual stream
+    deq = max(i * o for i, o in lins.values()) * a if method == "qlora" else 0
+    worst = (0, -1)
+    for i in reversed(range(L)):  # each layer's backward, replayed; its start is what is live then
+        peak_i, _ = layer_backward(spec, a, g, full, by_layer[i], r, reqs[i], N, saved[i])
+        peak_i += deq  # qlora: one weight de-quantized for a matmul at a time
+        # checkpointing: layer i's activations are recomputed; in fp32 its norm's x *is* the kept input
+        recompute = per_layer[i] - (ckpt_in if a == 4 and reqs[i] else 0) if gradient_checkpointing else 0
+        start = (W + O + G_head + sum(G_layer[i + 1:]) + sum(A_layers[:i + 1]) + recompute + inputs + stream
+                 + top["RoPE cos, sin (shared)"] + top["position ids (kept by checkpoints)"])
+        worst = max(worst, (start + peak_i, i))
+    moments[f"backward: layer {worst[1]}"] = worst[0]
+    if full:  # tied: the head's grad waits in the engine's buffer, the embedding's arrives, and they are summed
+        extra = 2 * V * d * g if spec.tie_embeddings else a * d * N
+        moments["backward: embedding"] = W + O + gradients + extra + inputs
+    big = max(trainable, default=0)
+    # torch's step: per tensor on CPU, sqrt(v) and sqrt(v)/c for the largest tensor (RMSprop: sqrt only);
+    # foreach on CUDA: one sqrt for every trainable tensor at once. bitsandbytes' kernels work in place.
+    per_tensor = {"rmsprop": 1, "adam": 2, "adamw": 2}.get(optimizer, 0)
+    scratch = per_tensor * s * big if device == "cpu" else min(per_tensor, 1) * s * P_train
+    parts["optimizer: step scratch (transient)"] = scratch
+    moments["optimizer step"] = W + O + gradients + scratch + inputs
+    peak_moment = max(moments, key=moments.get)
+    total = moments[peak_moment]
+    G_peak = gradients if peak_moment in ("optimizer step", "backward: embedding") else (
+        G_head if peak_moment == "backward: lm_head" else 0)
+    if peak_moment.startswith("backward: layer"):
+        i = int(peak_moment.rsplit(" ", 1)[-1])
+        G_peak = G_head + sum(G_layer[i + 1:])  # (plus part of layer i's, counted with the rest)
+    O_peak = O + (scratch if peak_moment == "optimizer step" else 0)  # MemTracker files step scratch as Optstate
+    return Estimate(weights=W, gradients=G_peak, optimizer=O_peak, activations=total - W - G_peak - O_peak,
+                    total=total, peak_moment=peak_moment, saved_activations=A,
+                    naive_total=W + gradients + O + A, moments=moments, activation_terms=terms,
+                    slots={"weights": W, "gradients": gradients, "optimizer": O, "forward": A},
+                    parts={k: v for k, v in parts.items() if v},
+                    trainable_params=P_train, params=P, notes=notes,
+                    config=dict(model=spec.name, method=method, dtype=dtype, optimizer=optimizer, batch_size=B,
+                                seq_len=T, gradient_checkpointing=gradient_checkpointing,
+                                lora_rank=r if not full else None))
+
+
+from . import memory_plot as _plots  # noqa: E402  (measure, plots; registers the "memory" benchmark)
+
+_NOTEBOOK = ("measure", "Measurement", "saved_by_module", "plot_breakdown", "calculator", "format_rows", "seed_four_slots",
+             "seed_gpt3_lora", "seed_qlora_llama7b")
+
+
+def __getattr__(name: str):  # measure, the seed's tables, plots and the calculator live in memory_plot
+    if name in _NOTEBOOK:
+        return getattr(_plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
