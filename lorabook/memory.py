@@ -241,6 +241,25 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str = "fp32") -> int:
+    """Bytes of optimizer state for trainable tensors with these element counts (the seed: SGD 0, RMSProp 1,
+    Adam 2 values per parameter).
+
+    torch keeps the states in the parameter dtype (fp32 under "mixed", where they update the master copy) and,
+    for Adam(W) and RMSprop, one fp32 ``step`` counter per tensor. bitsandbytes' 8-bit AdamW keeps both states
+    in 1 byte, in blocks of 256 with an fp32 absmax each, for tensors of >= 4096 elements (32-bit below that).
+    """
+    if optimizer not in OPTIMIZERS:
+        raise _bad("optimizer", optimizer, OPTIMIZERS)
+    if dtype not in DTYPES:
+        raise _bad("dtype", dtype, DTYPES)
+    if optimizer == "adamw8bit":
+        return sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in sizes)
+    state = 4 if dtype == "mixed" or optimizer == "paged_adamw" else _BYTES[dtype]
+    counters = 4 * len(sizes) if optimizer in ("adam", "adamw", "rmsprop") else 0
+    return _STATES[optimizer] * state * sum(sizes) + counters
+
+
 def estimate(model, method: str = "full", dtype: str | None = None, optimizer: str = "adamw",
              batch_size: int = 1, seq_len: int = 512, lora_rank: int = 8, lora_targets=("q_proj", "v_proj"),
              gradient_checkpointing: bool = False, lora_dropout: float = 0.0, device: str = "cpu") -> Estimate:
@@ -281,7 +300,7 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     if not spec.tie_embeddings:
         tensors.append((V * d, full))
     small = P - sum(n for n, _ in tensors)  # norms, biases, positions: many small tensors
-    tensors += [(d, full)] * max(1, small // d) if small > 0 else []
+    tensors += [(d, full)] * (small // d) + ([(small % d, full)] if small % d else [])  # exact total: P
     tensors += [(r * n, True) for k in lora for n in ((d, V) if k == "lm_head" else short[k.rsplit(".", 1)[-1]])]
     trainable = [n for n, t in tensors if t]
     P_train = P if full else sum(trainable)
@@ -301,13 +320,8 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     weights = sum(parts.values())
     g = w  # gradients in the parameter dtype (16-bit under "mixed", as in ZeRO)
     gradients = P_train * g
-    s = 4 if dtype == "mixed" or optimizer == "paged_adamw" else w  # torch keeps states in the param dtype
-    if optimizer == "adamw8bit":  # bitsandbytes: 8-bit states in blocks of 256 for tensors >= 4096 elements
-        opt = sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in trainable)
-    else:
-        opt = _STATES[optimizer] * s * P_train
-        if optimizer in ("adam", "adamw", "rmsprop"):
-            opt += 4 * len(trainable)  # torch's per-tensor step counter (a float32 scalar tensor)
+    s = 4 if dtype == "mixed" or optimizer == "paged_adamw" else w  # bytes of one state element
+    opt = optimizer_state_bytes(trainable, optimizer, dtype)
     parts["optimizer: states"] = opt
     if dtype == "mixed":
         opt += 4 * P_train  # fp32 master weights live with the optimizer (ZeRO's K = 12 for Adam)

@@ -51,14 +51,18 @@ class Measurement:
 
 def _training_copy(model) -> nn.Module:
     if isinstance(model, nn.Module):
-        return copy.deepcopy(model)  # the caller's model is never touched
-    if model == "smollm2-135m":
+        copied = copy.deepcopy(model)  # the caller's model is never touched
+    elif model == "smollm2-135m":
         from .models import load_base_model
-        return load_base_model()[0]
-    if model == "tiny":
+        copied = load_base_model()[0]
+    elif model == "tiny":
         from .models import tiny_llama
-        return tiny_llama(seed=0)
-    raise ValueError(f"model must be an nn.Module, 'smollm2-135m' or 'tiny' to measure; got {model!r}")
+        copied = tiny_llama(seed=0)
+    else:
+        raise ValueError(f"model must be an nn.Module, 'smollm2-135m' or 'tiny' to measure; got {model!r}")
+    if getattr(copied, "config", None) is not None:
+        copied.config.use_cache = False  # training keeps no KV cache (and checkpointing refuses one)
+    return copied
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:

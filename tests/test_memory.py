@@ -294,3 +294,19 @@ def test_smollm2_lora_estimate_matches_measure(smollm2):
     e, m = estimate(model, **kw), memory.measure(model, steps=1, **kw)
     assert e.params == 134_515_008
     assert 0.9 <= e.total / m.total <= 1.1 and e.saved_activations == m.saved_activations
+
+
+def test_optimizer_state_bytes_follows_the_seed():
+    sizes = [1000, 24]  # two trainable tensors
+    assert memory.optimizer_state_bytes(sizes, "sgd") == 0
+    assert memory.optimizer_state_bytes(sizes, "rmsprop") == 1 * 4 * 1024 + 4 * 2  # + a step counter per tensor
+    assert memory.optimizer_state_bytes(sizes, "adamw") == 2 * 4 * 1024 + 4 * 2
+    assert memory.optimizer_state_bytes(sizes, "adamw", "bf16") == 2 * 2 * 1024 + 4 * 2
+    assert memory.optimizer_state_bytes(sizes, "adamw", "mixed") == 2 * 4 * 1024 + 4 * 2
+    assert memory.optimizer_state_bytes([8192], "adamw8bit") == 2 * (8192 + 4 * 32)
+
+
+@pytest.mark.parametrize("kwargs, arg", [(dict(optimizer="lion"), "optimizer"), (dict(dtype="fp8"), "dtype")])
+def test_optimizer_state_bytes_bad_input(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        memory.optimizer_state_bytes([10], **kwargs)
