@@ -41,9 +41,13 @@ unit: $(MODEL)
 	$(BIN)/python -m pytest -q tests
 
 nbtest: $(MODEL)
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:randomly $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
 
+# Notebook conventions and the student copies first (solutions pass, stubs fail only in the checks), then pytest:
+# the unit tests and every notebook under nbval.
 test: $(MODEL)
+	$(BIN)/python -m lorabook.teach lint $(NOTEBOOKS)
+	$(BIN)/python -m lorabook.teach check $(NOTEBOOKS)
 	$(BIN)/python -m pytest -q tests --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
 
 # Execute every notebook in place (headless), keeping execution counts, then strip volatile metadata.
