@@ -109,20 +109,25 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     # a LoRALinear counts as the linear it wraps (so a second adapter finds the same layers)
     linears = [n for n, m in model.named_modules()
                if isinstance(m, LoRALinear) or (isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped)]
+    return select(linears, target_modules, head=_output_head_name(model))
+
+
+def select(names: list[str], target_modules, head: str | None = None, arg: str = "target_modules") -> list[str]:
+    """The ``names`` (of linear layers) that ``target_modules`` picks; ``head`` is never picked by "all-linear".
+
+    Shared by ``find_targets`` (a real model) and ``lorabook.memory`` (a model described by its shapes)."""
     if isinstance(target_modules, str) and target_modules == "all-linear":
-        head = _output_head_name(model)
-        chosen = [n for n in linears if n != head]
+        chosen = [n for n in names if n != head]
     elif isinstance(target_modules, str):
-        chosen = [n for n in linears if re.fullmatch(target_modules, n)]
-    elif isinstance(target_modules, (list, tuple, set)) and target_modules:
-        suffixes = list(target_modules)
-        chosen = [n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)]
+        chosen = [n for n in names if re.fullmatch(target_modules, n)]
+    elif isinstance(target_modules, (list, tuple, set, frozenset)) and target_modules:
+        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in target_modules)]
     else:
-        raise ValueError(f"target_modules must be a non-empty list of names, a regex or 'all-linear', "
+        raise ValueError(f"{arg} must be a non-empty list of names, a regex or 'all-linear', "
                          f"got {target_modules!r}")
     if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear; linear layers here: {kinds}")
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"{arg}={target_modules!r} matches no nn.Linear; linear layers here: {kinds}")
     return chosen
 
 

@@ -50,12 +50,12 @@ frozen linear, and de-quantizes one weight (a x in x out bytes) for a moment.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
 from .activations import layer_backward, layer_saved
+from .lora import select
 
 
 METHODS = ("full", "lora", "qlora")
@@ -165,21 +165,9 @@ def as_spec(model) -> ModelSpec:
 
 
 def lora_modules(spec: ModelSpec, targets) -> list[str]:
-    """Names (HF Llama style) of the linears ``targets`` selects, like ``lorabook.lora.find_targets``."""
+    """Names (HF Llama style) of the linears ``targets`` selects, as ``lorabook.lora.find_targets`` would."""
     names = [f"model.layers.{i}.{k}" for i in range(spec.n_layers) for k in spec.linears()] + ["lm_head"]
-    if targets == "all-linear":
-        chosen = names[:-1]
-    elif isinstance(targets, str):
-        chosen = [n for n in names if re.fullmatch(targets, n)]
-    elif isinstance(targets, (list, tuple, set, frozenset)) and targets:
-        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in targets)]
-    else:
-        raise ValueError(f"lora_targets must be a non-empty list of names, a regex or 'all-linear', "
-                         f"got {targets!r}")
-    if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ValueError(f"lora_targets={targets!r} matches no linear layer; linear layers here: {kinds}")
-    return chosen
+    return select(names, targets, head="lm_head", arg="lora_targets")
 
 
 @dataclass
