@@ -34,8 +34,10 @@ $(MODEL): $(STAMP) lorabook/models.py
 	$(BIN)/python -m lorabook.models
 	touch $@
 
+# Jupyter refuses to run as root unless told (containers, CI machines): say so only there.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(MODEL)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
 unit: $(MODEL)
 	$(BIN)/python -m pytest -q tests
