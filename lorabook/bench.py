@@ -59,6 +59,7 @@ def _load_all() -> dict[str, Callable[..., list[dict]]]:
     ``__main__``, a second module object whose own BENCHMARKS the others never see."""
     import lorabook.bench as registry
     from . import memory  # noqa: F401  (registers "memory")
+    from . import lora_bench  # noqa: F401
     return registry.BENCHMARKS
 
 

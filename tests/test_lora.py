@@ -1,11 +1,17 @@
-"""LoRA layer basics (the foundation issue B builds on): init, scaling, trainable counts, bad input."""
+"""LoRA layers: init, scaling, trainable counts, GPT-2 Conv1D, adapters by name, merge / unmerge, bad input."""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
-from lorabook.lora import LoRALinear, add_lora, count_trainable, find_targets, lora_layers
+from lorabook.lora import (LoRALinear, active_adapter, adapter_names, add_lora, count_trainable, delete_adapter,
+                           disable_adapters, find_targets, lora_layers, merge_and_unload, merge_lora,
+                           merged_adapter, set_adapter, switch_adapter, unmerge_lora)
 
 
 def test_starts_at_the_base_model(tiny):
@@ -72,3 +78,239 @@ def test_adding_a_name_twice_is_an_error():
     layer = LoRALinear(nn.Linear(8, 8), r=2)
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("default", r=2)
+
+
+# ---- GPT-2's Conv1D, adapters by name, merge / unmerge ------------------------------------------------------
+
+def tiny_gpt2(seed=0):
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config).eval()
+
+
+def randomize_B(model, name="default", std=0.1, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            if name in m.lora_B:
+                m.lora_B[name].copy_(torch.randn(m.lora_B[name].shape, generator=gen) * std)
+    return model
+
+
+def test_conv1d_is_wrapped_with_its_transposed_weight():
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)  # nf=out 48, nx=in 32: weight (32, 48)
+    nn.init.normal_(conv.weight, std=0.1)
+    layer = LoRALinear(conv, r=4, alpha=8)
+    assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (32, 48, True)
+    assert layer.lora_A["default"].shape == (4, 32) and layer.lora_B["default"].shape == (48, 4)
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(layer(x), conv(x) + x @ layer.delta_weight().T)
+    w0 = conv.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(conv.weight, w0 + layer.delta_weight().T)
+    layer.unmerge()
+    assert (conv.weight - w0).abs().max() <= 1e-6
+
+
+def test_gpt2_targets_and_count():
+    model = add_lora(tiny_gpt2(), ["c_attn"], r=4)
+    d, r = 32, 4
+    assert list(lora_layers(model)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert count_trainable(model)[0] == 2 * r * (d + 3 * d)  # c_attn: d -> 3d (fused q, k, v)
+    assert "lm_head" not in find_targets(tiny_gpt2(), "all-linear")
+    assert len(find_targets(tiny_gpt2(), "all-linear")) == 4 * 2  # c_attn, c_proj, c_fc, mlp.c_proj
+
+
+def test_lora_path_gradients_match_the_formula():
+    layer = LoRALinear(nn.Linear(16, 12), r=3, alpha=6)
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(4, 7, 16)
+    layer(x).pow(2).sum().backward()
+    A, B = layer.lora_A["default"].detach().requires_grad_(), layer.lora_B["default"].detach().requires_grad_()
+    (layer.base(x) + 2.0 * (x @ A.T) @ B.T).pow(2).sum().backward()
+    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad)
+    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad)
+    assert layer.base.weight.grad is None
+
+
+def test_dropout_only_in_training():
+    layer = LoRALinear(nn.Linear(16, 16), r=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(8, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ layer.delta_weight().T)
+    layer.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(layer(x), layer.base(x) + x @ layer.delta_weight().T)
+
+
+def test_bf16_base():
+    layer = LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=2)
+    assert layer(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@settings(max_examples=40, deadline=None)
+@given(in_f=st.integers(1, 48), out_f=st.integers(1, 48), r_frac=st.floats(0, 1), alpha=st.floats(0.1, 64),
+       size=st.floats(1e-4, 1.0), conv=st.booleans(), rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_merge_equals_unmerged_and_unmerge_restores(in_f, out_f, r_frac, alpha, size, conv, rslora, seed):
+    torch.manual_seed(seed)
+    r = 1 + int(r_frac * (min(in_f, out_f) - 1))
+    base = Conv1D(out_f, in_f) if conv else nn.Linear(in_f, out_f)
+    nn.init.uniform_(base.weight, -1, 1)
+    layer = LoRALinear(base, r=r, alpha=alpha, use_rslora=rslora)
+    with torch.no_grad():  # any B, scaled so that max |ΔW| = size
+        layer.lora_B["default"].normal_()
+        layer.lora_B["default"].mul_(size / layer.delta_weight().abs().max().clamp_min(1e-30))
+    w0 = base.weight.detach().clone()
+    x = torch.randn(5, in_f)
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)  # fp32: the LoRA path is not added again
+    layer.unmerge()
+    assert (base.weight - w0).abs().max().item() <= 1e-6
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def two_adapters(tiny):
+    add_lora(tiny, ["q_proj", "v_proj"], r=4, alpha=8)
+    add_lora(tiny, ["q_proj", "o_proj"], r=2, alpha=4, adapter_name="sql")
+    randomize_B(tiny, "default", seed=1), randomize_B(tiny, "sql", seed=2)
+    return tiny
+
+
+def test_merged_model_matches_unmerged_and_unmerge_restores(tiny):
+    x = torch.randint(0, 256, (2, 16))
+    w0 = {k: v.clone() for k, v in tiny.state_dict().items()}
+    add_lora(tiny, "all-linear", r=4)
+    randomize_B(tiny)
+    with torch.no_grad():
+        unmerged = tiny(x).logits
+        merge_lora(tiny)
+        assert merged_adapter(tiny) == "default"
+        torch.testing.assert_close(tiny(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+        unmerge_lora(tiny)
+    base = {k.replace(".base.", "."): v for k, v in tiny.state_dict().items() if "lora_" not in k}
+    assert max((base[k] - w0[k]).abs().max().item() for k in w0) <= 1e-6
+
+
+def test_merging_twice_and_unmerging_unmerged_are_errors(tiny):
+    two_adapters(tiny)
+    with pytest.raises(ValueError, match="not merged"):
+        unmerge_lora(tiny)
+    merge_lora(tiny)
+    for name in ("default", "sql", None):
+        with pytest.raises(ValueError, match="already merged"):
+            merge_lora(tiny, name)
+    with pytest.raises(ValueError, match="already merged"):
+        lora_layers(tiny)["model.layers.0.self_attn.q_proj"].merge()
+
+
+def test_set_adapter_and_unknown_names(tiny):
+    x = torch.randint(0, 256, (1, 8))
+    two_adapters(tiny)
+    assert adapter_names(tiny) == ["default", "sql"] and active_adapter(tiny) == "sql"
+    with pytest.raises(ValueError, match=r"unknown adapter_name 'nope'.*\['default', 'sql'\]"):
+        set_adapter(tiny, "nope")
+    for fn in (merge_lora, switch_adapter, delete_adapter):
+        with pytest.raises(ValueError, match="unknown adapter_name 'nope'"):
+            fn(tiny, "nope")
+    with torch.no_grad():
+        sql = tiny(x).logits
+        set_adapter(tiny, "default")
+        default = tiny(x).logits
+        assert lora_layers(tiny)["model.layers.0.self_attn.o_proj"].active_adapter is None  # no "default" there
+        assert not torch.allclose(sql, default)
+        with disable_adapters(tiny):
+            base = tiny(x).logits
+        assert torch.equal(tiny(x).logits, default) and not torch.allclose(base, default)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        set_adapter(tiny_gpt2(), "default")
+
+
+def test_disable_adapters_gives_the_base(tiny):
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        before = tiny(x).logits
+        randomize_B(add_lora(tiny, "all-linear", r=2))
+        with disable_adapters(tiny):
+            assert torch.equal(tiny(x).logits, before)
+        merge_lora(tiny)
+        with pytest.raises(ValueError, match="merged"):
+            with disable_adapters(tiny):
+                pass
+
+
+def test_switch_adapter_is_unmerge_plus_merge(tiny):
+    x = torch.randint(0, 256, (2, 8))
+    two_adapters(tiny)
+    with torch.no_grad():
+        set_adapter(tiny, "sql")
+        sql = tiny(x).logits
+        set_adapter(tiny, "default")
+        default = tiny(x).logits
+        merge_lora(tiny, "default")
+        with pytest.raises(ValueError, match="merged"):
+            set_adapter(tiny, "sql")
+        switch_adapter(tiny, "sql")
+        assert merged_adapter(tiny) == "sql" and active_adapter(tiny) == "sql"
+        torch.testing.assert_close(tiny(x).logits, sql, rtol=1e-5, atol=1e-5)
+        switch_adapter(tiny, "default")
+        torch.testing.assert_close(tiny(x).logits, default, rtol=1e-5, atol=1e-5)
+
+
+def test_delete_adapter_and_merge_and_unload(tiny):
+    x = torch.randint(0, 256, (2, 8))
+    two_adapters(tiny)
+    delete_adapter(tiny, "sql")
+    assert adapter_names(tiny) == ["default"] and active_adapter(tiny) is None  # deleted the active one
+    assert isinstance(tiny.model.layers[0].self_attn.o_proj, nn.Linear)  # no adapter left: unwrapped
+    set_adapter(tiny, "default")
+    with torch.no_grad():
+        lora = tiny(x).logits
+        merge_lora(tiny)
+        with pytest.raises(ValueError, match="merged"):
+            delete_adapter(tiny, "default")
+        merge_and_unload(tiny)
+        assert not lora_layers(tiny) and type(tiny.model.layers[0].self_attn.q_proj) is nn.Linear
+        torch.testing.assert_close(tiny(x).logits, lora, rtol=1e-5, atol=1e-5)
+
+
+def test_adding_a_name_twice_to_a_model_changes_nothing(tiny):
+    add_lora(tiny, ["q_proj"], r=2)
+    before = copy.deepcopy(tiny.state_dict())
+    with pytest.raises(ValueError, match="'default' already exists"):
+        add_lora(tiny, ["q_proj", "v_proj"], r=2)
+    assert tiny.state_dict().keys() == before.keys() and len(lora_layers(tiny)) == 2
+
+
+def test_a_rank_too_big_for_one_target_changes_nothing(tiny):
+    with pytest.raises(ValueError, match=r"r=48 exceeds min\(in_features, out_features\)=32"):
+        add_lora(tiny, ["q_proj", "v_proj"], r=48)  # q_proj 64 -> 64 is fine, v_proj 64 -> 32 (GQA) is not
+    assert not lora_layers(tiny) and all(p.requires_grad for p in tiny.parameters())
+
+
+def test_bad_adapter_name_and_base():
+    for bad in ("", "a.b", "copy", "keys", 3):
+        with pytest.raises(ValueError, match="adapter_name"):
+            LoRALinear(nn.Linear(8, 8), r=2, adapter_name=bad)
+    with pytest.raises(ValueError, match="base must be"):
+        LoRALinear(nn.Conv2d(3, 3, 1), r=1)
+    with pytest.raises(ValueError, match="alpha"):
+        LoRALinear(nn.Linear(8, 8), r=2, alpha=-1)
+
+
+def test_fp32_adapter_on_a_bf16_base_merges_and_unmerges():
+    layer = LoRALinear(nn.Linear(32, 16).to(torch.bfloat16), r=4)
+    layer.lora_A["default"].data = layer.lora_A["default"].data.float()
+    layer.lora_B["default"].data = torch.randn(16, 4) * 0.01
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    w0, unmerged = layer.base.weight.clone(), layer(x)
+    assert unmerged.dtype == torch.bfloat16
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=0.05, atol=0.05)  # bf16 rounding of W0 + ΔW
+    layer.unmerge()
+    assert (layer.base.weight.float() - w0.float()).abs().max() <= 0.01  # bf16: within its rounding, not 1e-6

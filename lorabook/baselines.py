@@ -1,0 +1,432 @@
+"""The methods the LoRA paper compares against (Hu et al., 2021, Tables 1-2), on HF Llama and GPT-2 causal LMs.
+
+Each ``add_*`` freezes the model, adds (or unfreezes) its trainable part in place and returns the model; ``prepare``
+picks one by name. L layers, width d, bottleneck m, MLP width d_ff, n_kv key/value heads of head_dim each
+(d_kv = n_kv · head_dim; d_kv = d for GPT-2). Shapes as nn.Linear: W_down (m, d), W_up (d, m).
+
+Adapter^H (Houlsby et al., 2019, https://arxiv.org/abs/1902.00751): a bottleneck with a skip connection,
+
+    A(h) = h + W_up f(W_down h + b_down) + b_up          f = GELU (as in their code); |A| = 2dm + d + m
+
+at the output of the attention block and of the MLP block of every layer -- after the attention output
+projection (o_proj / c_proj, and GPT-2's residual dropout), before the residual add. Houlsby's BERT is post-LN
+(sublayer → projection → adapter → add → LayerNorm); GPT-2 and Llama are pre-LN, so here
+h ← h + A(Attn(LN₁ h)), then h ← h + A(MLP(LN₂ h)).   |Θ| = 2 · L · (2dm + d + m).
+
+Adapter^L (Lin et al., 2020, https://arxiv.org/abs/2004.03829): one adapter per layer "on top of" it, i.e. on the
+layer's output after the MLP's residual add, with its own LayerNorm and a ReLU:
+
+    h ← h + W_up ReLU(W_down LN(h) + b_down) + b_up                 |Θ| = L · (2dm + m + 3d)   (LN: 2d)
+
+Both initialise W_up, b_up at zero (like LoRA's B), so each adapter starts as the identity and the model starts
+exactly unchanged; W_down is nn.Linear's default. Houlsby used a near-identity init instead (every weight
+~ N(0, σ²) truncated at 2σ; σ = 1e-2 in the paper): pass ``init_std=σ``. Houlsby also trained the model's
+LayerNorms (``train_norms=True``); Table 1's |Θ| counts the adapter layers only, as the default does.
+
+BitFit (Ben Zaken et al., 2021, https://arxiv.org/abs/2106.10199): train only the bias terms.
+    GPT-2 has them -- c_attn, c_proj, c_fc, c_proj and every LayerNorm bias: |Θ| = L · (7d + d_ff) + d.
+    Llama has none. We give every linear layer of every decoder layer a zero-initialised trainable bias (so the
+    model starts unchanged) and set config.attention_bias = config.mlp_bias = True so it saves and reloads.
+    RMSNorm has no bias and gets none:       |Θ| = L · (d_q + 2 d_kv + 2d + 2 d_ff)   (d_q = n_heads · head_dim).
+
+Prefix tuning (Li & Liang, 2021, https://arxiv.org/abs/2101.00190): P trainable key and value vectors per layer
+and key/value head that every query may attend to, before the real tokens:
+
+    head_i = softmax(q K_iᵀ) V_i,  K_i = [P_K ; W_k h],  V_i = [P_V ; W_v h]     P_K, P_V (n_kv, P, head_dim)
+    |Θ| = 2 · L · P · d_kv.   With the reparametrisation (``reparam_hidden=h``) the prefix is MLP(E), E (P, d):
+    |Θ| = P·d + (d·h + h) + (h + 1) · 2 L d_kv while training; ``bake()`` keeps only the 2·L·P·d_kv result.
+
+We prepend inside the attention call (a registered transformers attention function wrapping sdpa or eager) and
+widen its mask by P always-visible columns. Positions are not shifted: real tokens keep positions 0..T-1 (the
+past_key_values route of Li & Liang's code and of PEFT puts them at P..P+T-1 unless position_ids are
+given), and the KV cache never holds the prefix, so ``generate`` works as is. Random prefixes change the
+output from the start; that is expected (Li & Liang found initialising them from real words' activations helps).
+
+Full fine-tuning trains everything; LoRA is ``lorabook.lora.add_lora``. ``latency_table`` re-measures Table 1.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import statistics
+import sys
+
+import torch
+import torch.nn as nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from lorabook import lora
+from lorabook.timing import Timing, benchmark
+
+_FAMILIES = {"llama": ("model", "layers", "self_attn"), "gpt2": ("transformer", "h", "attn")}  # body, layers, attn
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def _arch(model) -> tuple[str, nn.ModuleList, str]:
+    """(family, decoder layers, attention attribute) of a supported causal LM; anything else is a ValueError."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    body = _FAMILIES.get(model_type, (None,))[0]
+    if body is None or not hasattr(model, body) or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"model must be a causal LM with config.model_type in {sorted(_FAMILIES)} (e.g. SmolLM2, "
+                         f"tiny_llama, GPT2LMHeadModel), got {type(model).__name__} (model_type={model_type!r})")
+    _, layers, attn = _FAMILIES[model_type]
+    return model_type, getattr(getattr(model, body), layers), attn
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_init_std(init_std) -> None:
+    if init_std is not None and not (isinstance(init_std, (int, float)) and init_std > 0):
+        raise ValueError(f"init_std must be None or a float > 0, got {init_std!r}")
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# ---- adapters ---------------------------------------------------------------------------------------------------
+
+class Adapter(nn.Module):
+    """h ↦ h + W_up f(W_down LN(h) + b_down) + b_up; LN is the identity unless ``layer_norm`` (Adapter^L)."""
+
+    def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu", layer_norm: bool = False,
+                 init_std: float | None = None, eps: float = 1e-5):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model, eps=eps) if layer_norm else nn.Identity()
+        self.down = nn.Linear(d_model, bottleneck)  # W_down (m, d)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, d_model)  # W_up (d, m)
+        if init_std is None:  # exact identity at the start: the up projection is zero
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        else:  # Houlsby's near-identity init
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (batch, seq, d) -> (batch, seq, d)
+        return h + self.up(self.act(self.down(self.ln(h))))  # the bottleneck is (batch, seq, m)
+
+    def hook(self, module: nn.Module, args, output):
+        """Forward hook: apply the adapter to ``module``'s output (the first item when it returns a tuple)."""
+        if isinstance(output, tuple):  # attention returns (attn_output, attn_weights)
+            return (self(output[0]),) + tuple(output[1:])
+        return self(output)
+
+
+def _add_adapters(model, blocks: list[nn.Module], make) -> None:
+    """Freeze ``model``, then give each block an ``adapter`` child applied to its output by a forward hook."""
+    if any(hasattr(b, "adapter") for b in blocks):
+        raise ValueError("model already has adapters there: add adapters to a fresh model")
+    _freeze(model)
+    ref = next(model.parameters())
+    for block in blocks:
+        block.adapter = make().to(device=ref.device, dtype=ref.dtype)  # a child: saved, counted, trained
+        block.register_forward_hook(block.adapter.hook)
+
+
+def _check_adapter_args(bottleneck, activation, init_std) -> None:
+    _positive_int("bottleneck", bottleneck)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_init_std(init_std)
+
+
+def add_adapter_houlsby(model, bottleneck: int = 64, activation: str = "gelu", init_std: float | None = None,
+                        train_norms: bool = False):
+    """Adapter^H: an adapter at the attention output and one at the MLP output of every layer; only they train.
+
+    train_norms: also train the model's norms, as Houlsby et al. did (+2d per LayerNorm, +d per RMSNorm)."""
+    _check_adapter_args(bottleneck, activation, init_std)
+    _, layers, attn = _arch(model)
+    d = model.config.hidden_size
+    _add_adapters(model, [b for layer in layers for b in (getattr(layer, attn), layer.mlp)],
+                  lambda: Adapter(d, bottleneck, activation, init_std=init_std))
+    for m in model.modules() if train_norms else ():
+        if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"):
+            m.requires_grad_(True)
+    return model
+
+
+def add_adapter_lin(model, bottleneck: int = 64, activation: str = "relu", init_std: float | None = None):
+    """Adapter^L: one LayerNorm'd adapter on each layer's output (after the MLP's residual add); only they train."""
+    _check_adapter_args(bottleneck, activation, init_std)
+    _, layers, _ = _arch(model)
+    d, eps = model.config.hidden_size, getattr(model.config, "layer_norm_epsilon", 1e-5)
+    _add_adapters(model, list(layers), lambda: Adapter(d, bottleneck, activation, True, init_std, eps))
+    return model
+
+
+# ---- BitFit -----------------------------------------------------------------------------------------------------
+
+def add_bitfit(model):
+    """Train only bias terms; linear layers of the decoder layers that have none get a zero (trainable) one."""
+    family, layers, _ = _arch(model)
+    for module in layers.modules():
+        if isinstance(module, nn.Linear) and module.bias is None:  # Llama: F.linear(x, W, 0) = x Wᵀ
+            w = module.weight
+            module.bias = nn.Parameter(torch.zeros(module.out_features, device=w.device, dtype=w.dtype))
+    if family == "llama":  # the config now describes the model we hold
+        model.config.attention_bias = model.config.mlp_bias = True
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+    return model
+
+
+# ---- prefix tuning ----------------------------------------------------------------------------------------------
+
+PREFIX_KWARG = "lorabook_prefix"  # the keyword the pre-forward hook hands down to every attention call
+_PREFIX_IMPLS = {"sdpa": "lorabook_prefix_sdpa", "eager": "lorabook_prefix_eager"}  # wrapped -> registered name
+
+
+class PrefixTuning(nn.Module):
+    """Every layer's key/value prefix, (L, 2, n_kv, P, head_dim): a parameter, or MLP(E) when reparametrised."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_prefix: int, d_model: int,
+                 reparam_hidden: int | None = None, init_std: float = 1.0):
+        super().__init__()
+        self.shape = (n_layers, 2, n_kv_heads, n_prefix, head_dim)
+        self.mlp = None
+        if reparam_hidden is None:
+            self.key_value = nn.Parameter(torch.randn(self.shape) * init_std)
+        else:
+            self.embedding = nn.Parameter(torch.randn(n_prefix, d_model) * init_std)  # E (P, d)
+            self.mlp = nn.Sequential(nn.Linear(d_model, reparam_hidden), nn.Tanh(),
+                                     nn.Linear(reparam_hidden, n_layers * 2 * n_kv_heads * head_dim))
+
+    def forward(self) -> torch.Tensor:  # -> (L, 2, n_kv, P, head_dim)
+        if self.mlp is None:
+            return self.key_value
+        L, _, n_kv, P, hd = self.shape
+        return self.mlp(self.embedding).view(P, L, 2, n_kv, hd).permute(1, 2, 3, 0, 4)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Drop the reparametrisation after training and keep only the prefix it computes (as Li & Liang do)."""
+        if self.mlp is not None:
+            self.key_value = nn.Parameter(self().clone())
+            del self.embedding
+            self.mlp = None
+
+    def hand_down(self, module, args, kwargs):
+        """Pre-forward hook on the causal LM: compute the prefix once and pass it to every attention call."""
+        return args, {**kwargs, PREFIX_KWARG: self()}
+
+
+def _widen_mask(mask: torch.Tensor | None, n_prefix: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """(b, 1, q, kv) mask -> (b, 1, q, P + kv): the prefix columns are visible to every query."""
+    if mask is None:  # sdpa skipped it (plain causal, no padding): rebuild it, aligned bottom-right for a cache
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+    visible = torch.ones if mask.dtype == torch.bool else torch.zeros  # bool: True attends; float: 0 adds nothing
+    cols = visible(*mask.shape[:-1], n_prefix, dtype=mask.dtype, device=mask.device)
+    return torch.cat([cols, mask], dim=-1)
+
+
+def _prefix_attention(module, query, key, value, attention_mask, *, wrapped: str, **kwargs):
+    """sdpa/eager attention with this layer's prefix prepended to keys and values. query (b, n_heads, q, hd)."""
+    prefix = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is None:
+        raise RuntimeError("prefix tuning: no prefix reached the attention; call the causal LM itself "
+                           "(model(...) or model.generate), not model.forward or an inner module")
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    pk, pv = (t.to(key.dtype).expand(batch, -1, -1, -1) for t in prefix[module.layer_idx])  # (b, n_kv, P, hd)
+    key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)  # (b, n_kv, P + kv, hd)
+    mask = _widen_mask(attention_mask, pk.shape[2], q_len, kv_len, query.device)
+    if wrapped == "sdpa":
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    if mask.dtype == torch.bool:  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    eager = sys.modules[type(module).__module__].eager_attention_forward  # the model's own eager attention
+    return eager(module, query, key, value, mask, **kwargs)
+
+
+for _wrapped, _name in _PREFIX_IMPLS.items():
+    AttentionInterface.register(_name, functools.partial(_prefix_attention, wrapped=_wrapped))
+    AttentionMaskInterface.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_wrapped])  # the wrapped one's masks
+
+
+def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = None, init_std: float = 1.0):
+    """Prefix tuning: ``model.prefix_tuning`` holds the prefixes; only they (or their MLP) train."""
+    _positive_int("n_prefix", n_prefix)
+    if reparam_hidden is not None:
+        _positive_int("reparam_hidden", reparam_hidden)
+    if not (isinstance(init_std, (int, float)) and init_std > 0):
+        raise ValueError(f"init_std must be a float > 0, got {init_std!r}")
+    _arch(model)
+    if hasattr(model, "prefix_tuning"):
+        raise ValueError("model already has prefix_tuning: add it to a fresh model")
+    impl = model.config._attn_implementation
+    if impl not in _PREFIX_IMPLS:
+        raise ValueError(f"prefix tuning wraps attn_implementation {sorted(_PREFIX_IMPLS)}, the model uses {impl!r}")
+    c = model.config
+    n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    _freeze(model)
+    ref = next(model.parameters())
+    model.prefix_tuning = PrefixTuning(c.num_hidden_layers, n_kv, head_dim, n_prefix, c.hidden_size,
+                                       reparam_hidden, init_std).to(device=ref.device, dtype=ref.dtype)
+    model.register_forward_pre_hook(model.prefix_tuning.hand_down, with_kwargs=True)
+    model.config._attn_implementation = _PREFIX_IMPLS[impl]
+    return model
+
+
+# ---- full fine-tuning and the registry ----------------------------------------------------------------------------
+
+def full_finetune(model):
+    """Every parameter trains (the baseline all the others save memory against)."""
+    _arch(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+METHODS = {"lora": lora.add_lora, "adapter_h": add_adapter_houlsby, "adapter_l": add_adapter_lin,
+           "bitfit": add_bitfit, "prefix": add_prefix_tuning, "full": full_finetune}
+
+
+def prepare(model, method: str, **kwargs):
+    """Set ``model`` up for fine-tuning with ``method`` (a key of METHODS) in place; returns it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods: {sorted(METHODS)}")
+    fn = METHODS[method]
+    allowed = list(inspect.signature(fn).parameters)[1:]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} takes no argument(s) {unknown}; it takes {allowed}")
+    family, _, _ = _arch(model)
+    if method == "lora" and family == "gpt2":
+        kwargs.setdefault("target_modules", ["c_attn"])  # fused q,k,v: r·(d + 3d) per layer, as q and v at rank r
+    return fn(model, **kwargs)
+
+
+# ---- the seed's Table 1: inference latency on GPT-2 medium --------------------------------------------------------
+
+PAPER_SHAPES = ((32, 512), (16, 256), (1, 128))  # (batch, seq) of Table 1's columns
+PAPER_BUDGETS = (0.5e6, 11e6, 11e6)  # its |Θ| row: trainable parameters of the adapter / LoRA in each column
+CPU_SHAPES = ((4, 64), (2, 32), (1, 16))  # batch and sequence both / 8: seconds, not minutes, on a CPU
+LATENCY_METHODS = ("base", "lora_merged", "lora", "adapter_l", "adapter_h")
+
+
+def gpt2_config(config="gpt2-medium"):
+    """A GPT2Config: "gpt2-medium" (L 24, d 1024, 16 heads, 355M), "gpt2" (L 12, d 768), or one passed in."""
+    from transformers import GPT2Config
+
+    sizes = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12), "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16)}
+    if isinstance(config, GPT2Config):
+        return config
+    if config not in sizes:
+        raise ValueError(f"config must be one of {sorted(sizes)} or a GPT2Config, got {config!r}")
+    return GPT2Config(**sizes[config])
+
+
+def size_for_budget(method: str, config, budget: float) -> int:
+    """The bottleneck m (adapters) or rank r (LoRA on c_attn) whose |Θ| on a GPT-2 config is nearest ``budget``.
+
+    adapter_h: 2L(2dm + d + m) · adapter_l: L(2dm + m + 3d) · lora: L·r·(d + 3d) = 4Ldr (= q and v at rank r).
+    GPT-2 medium: 0.5M → m 5 / m 9 / r 5 (541k / 516k / 492k); 11M → m 111 / m 222 / r 112 (11.0M each).
+    """
+    if not budget > 0:
+        raise ValueError(f"budget must be > 0, got {budget!r}")
+    L, d = config.num_hidden_layers, config.hidden_size
+    per = {"adapter_h": ((budget / (2 * L) - d) / (2 * d + 1)), "adapter_l": (budget / L - 3 * d) / (2 * d + 1),
+           "lora": budget / (4 * L * d), "lora_merged": budget / (4 * L * d)}
+    if method not in per:
+        raise ValueError(f"method must be one of {sorted(per)}, got {method!r}")
+    size = max(1, round(per[method]))
+    return min(size, d) if method.startswith("lora") else size
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are the original's tensors (no extra 1.4 GB per method)."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
+def _merge(model: nn.Module) -> nn.Module:
+    """Merged LoRA (W ← W0 + ΔW, plain layers again); each wrapped layer first gets its own copy of W0,
+    because merging adds in place and W0 is shared with the base and the other variants."""
+    for layer in lora.lora_layers(model).values():
+        layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
+    return lora.merge_and_unload(model)
+
+
+def _variant(base: nn.Module, method: str, size: int) -> tuple[nn.Module, int]:
+    """(the model to time, its |Θ|) -- LoRA's |Θ| is counted before merging folds it into W."""
+    if method == "base":
+        return base, 0
+    model = _shared_copy(base)
+    if method in ("lora", "lora_merged"):
+        prepare(model, "lora", r=size, alpha=2 * size)
+    else:
+        prepare(model, method, bottleneck=size)
+    trainable = lora.count_trainable(model)[0]
+    return (_merge(model) if method == "lora_merged" else model), trainable
+
+
+def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, methods=LATENCY_METHODS,
+                  warmup: int = 1, repeat: int = 1, rounds: int = 5, device=None, seed: int = 0) -> list[dict]:
+    """Table 1 again: one forward pass (eval, no_grad, seeded random weights) per method and (batch, seq).
+
+    shapes: None = the paper's on CUDA, CPU_SHAPES on a CPU. budgets: |Θ| per shape (sizes from size_for_budget).
+    Each round times every method in turn, ``repeat`` calls each, starting one method later than the round
+    before (so a busy machine slows them alike); the median is over all rounds' calls. On a shared CPU many
+    short rounds beat a few long ones.
+    Rows: method, batch, seq, size (m or r), trainable (|Θ|), ms (median), iqr_ms, overhead_pct (vs base).
+    """
+    from transformers import GPT2LMHeadModel
+
+    cfg = gpt2_config(config)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = tuple(shapes) if shapes is not None else (PAPER_SHAPES if dev.type == "cuda" else CPU_SHAPES)
+    for b, s in shapes:
+        _positive_int("batch", b), _positive_int("seq", s)
+        if s > cfg.n_positions:
+            raise ValueError(f"seq {s} exceeds the config's n_positions {cfg.n_positions}")
+    if len(budgets) != len(shapes):
+        raise ValueError(f"budgets must give one |Θ| per shape: {len(budgets)} budgets for {len(shapes)} shapes")
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in LATENCY_METHODS]
+    if bad or "base" not in methods:
+        raise ValueError(f"methods must include 'base' and come from {LATENCY_METHODS}, got {methods}")
+    for name, value in (("repeat", repeat), ("rounds", rounds)):
+        _positive_int(name, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = GPT2LMHeadModel(cfg).eval().to(dev)
+        inputs = [torch.randint(0, cfg.vocab_size, shape, device=dev) for shape in shapes]
+    rows = []
+    for (b, s), budget, x in zip(shapes, budgets, inputs):
+        sizes = {m: 0 if m == "base" else size_for_budget(m, cfg, budget) for m in methods}
+        variants = {m: _variant(base, m, sizes[m]) for m in methods}
+        models = {m: model.eval() for m, (model, _) in variants.items()}
+        times = {m: [] for m in methods}
+        with torch.no_grad():
+            for r in range(rounds):
+                for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # rotate: no method always first
+                    t = benchmark(lambda: models[m](x, use_cache=False), warmup=warmup if r == 0 else 0,
+                                  repeat=repeat, device=dev)
+                    times[m] += t.times
+        base_ms = statistics.median(times["base"]) * 1e3
+        for m in methods:
+            t = Timing(times=times[m], device=str(dev))
+            rows.append(dict(method=m, batch=b, seq=s, size=sizes[m], trainable=variants[m][1], ms=t.median * 1e3,
+                             iqr_ms=t.iqr * 1e3, overhead_pct=100 * (t.median * 1e3 / base_ms - 1)))
+        del models, variants
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows of ``latency_table`` as a fixed-width text table."""
+    lines = [f"{'method':<12}{'batch':>6}{'seq':>6}{'size':>6}{'|Θ|':>12}{'ms':>10}{'±iqr':>8}{'overhead':>10}"]
+    for r in rows:
+        lines.append(f"{r['method']:<12}{r['batch']:>6}{r['seq']:>6}{r['size']:>6}{r['trainable']:>12,}"
+                     f"{r['ms']:>10.2f}{r['iqr_ms']:>8.2f}{r['overhead_pct']:>+9.1f}%")
+    return "\n".join(lines)
