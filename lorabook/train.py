@@ -1,0 +1,485 @@
+"""One training loop for every lesson: AdamW, grad accumulation, clipping, warmup + cosine, eval, checkpoint/resume.
+
+    history = train(model, examples, tokenizer, steps=60, lr=2e-3, batch_size=8)
+
+Only parameters with ``requires_grad`` train, so the same loop does LoRA, the baselines and full fine-tuning:
+the method decides what is trainable (``prepare``), the loop never needs to know.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` examples. The loss is the mean over the
+answer tokens of the whole step (each micro-batch's summed token loss is divided by the step's total token
+count), so ``grad_accum=2, batch_size=4`` computes the same gradient as ``grad_accum=1, batch_size=8``.
+
+Checkpoint/resume reproduces the loss curve bit for bit: one file ``checkpoint.safetensors`` holds the trainable
+weights, AdamW's moments and the torch RNG state as tensors, and the rest (step, data position, config, history,
+optimizer hyper-parameters) as JSON in the safetensors metadata. It is written to a temporary file and renamed,
+so a crash never leaves a half-written checkpoint. The learning rate is a pure function of the step, so the
+schedule needs no state of its own. The data order is too: epoch e is a permutation seeded by (seed, e).
+
+CLI (prints the loss curve and the exact-match accuracy before and after):
+    python -m lorabook.train --method lora --model smollm2 --steps 60 --out runs/sql [--resume]
+
+torchrun-ready: with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and each rank reads its
+own shard (DistributedSampler); rank 0 logs, evaluates and checkpoints. That path is written to the
+documented torch.distributed API but has not been run on GPUs here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import lorabook
+from lorabook import baselines, data
+from lorabook.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint  # noqa: F401 (re-exported)
+from lorabook.lora import count_trainable
+
+SCHEDULES = ("cosine", "constant")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which parameters train
+
+def methods() -> tuple[str, ...]:
+    """The fine-tuning methods ``prepare`` knows: lora, adapter_h, adapter_l, bitfit, prefix, full."""
+    return tuple(baselines.METHODS)
+
+
+def prepare(model, method: str, **kwargs):
+    """Make ``model`` train with ``method`` (in place; returns it): ``lorabook.baselines.prepare``, the one
+    place that decides which parameters train. kwargs go to the method (e.g. lora: target_modules, r, alpha)."""
+    return baselines.prepare(model, method, **kwargs)
+
+
+def trainable_parameters(model) -> dict:
+    """name -> parameter for every trainable parameter (each tensor once, as ``named_parameters`` gives it)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters: prepare it with a method first")
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule, data order, loss
+
+def lr_at(step: int, lr: float, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine down to lr·min_lr_ratio."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant" or steps <= warmup_steps:
+        return lr
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)  # 0 -> 1
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(n: int, batch_size: int, micro: int, seed: int, world: int = 1, rank: int = 0) -> list[int]:
+    """Example indices of micro-batch number ``micro`` (0-based, counted over the run): a pure function, so
+    resuming at any micro-batch sees the same data. Epoch e shuffles with DistributedSampler(seed) at epoch e."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    per_epoch = sampler.num_samples // batch_size  # full batches only; the rest wait for the next epoch
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {sampler.num_samples} examples per rank")
+    sampler.set_epoch(micro // per_epoch)
+    k = micro % per_epoch
+    return list(sampler)[k * batch_size:(k + 1) * batch_size]
+
+
+def token_loss_sum(model, batch: dict, net=None) -> torch.Tensor:
+    """Sum over answer tokens of the next-token cross-entropy (a scalar); labels -100 count nothing.
+
+    The output head (576 -> 49152 for SmolLM2, a fifth of the model's compute) runs only at the positions
+    whose next token is scored, via transformers' ``logits_to_keep``; ``net`` is ``model`` or its DDP wrapper.
+    """
+    net = model if net is None else net
+    targets = batch["labels"][:, 1:]  # (b, s-1): token t+1 is the target of position t
+    keep = (targets != data.IGNORE).any(0).nonzero().squeeze(1)  # (k,) positions scored in some row
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = net(**inputs, logits_to_keep=keep).logits  # (b, k, V)
+    else:
+        logits = net(**inputs).logits[:, keep]  # (b, k, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                           ignore_index=data.IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def validate(model, tokenizer, examples: list[dict], batch_size: int = 8, max_len: int = 256,
+             accuracy: bool = True, max_new_tokens: int = 40, progress: bool = False) -> dict:
+    """{"val_loss": mean answer-token loss (teacher forcing), "accuracy": exact match of greedy answers}."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = _to(data.collate(examples[s:s + batch_size], tokenizer, max_len), device)
+        total += token_loss_sum(model, batch).item()
+        count += int((batch["labels"][:, 1:] != data.IGNORE).sum())
+    point = {"val_loss": total / max(count, 1)}
+    if accuracy:
+        point["accuracy"] = data.evaluate(model, tokenizer, examples, max_new_tokens, max(batch_size, 16),
+                                          progress=progress)
+    model.train(was_training)
+    return point
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# History and checkpoints
+
+@dataclass
+class History:
+    """What a run measured. ``loss[i]`` is the mean answer-token loss of optimizer step ``step[i]`` (1-based)."""
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    lr: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # non-padding tokens the step processed
+    seconds: list = field(default_factory=list)  # wall time of the step: forward, backward, update
+    eval: list = field(default_factory=list)  # {"step", "val_loss", ["accuracy"]}
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / max(sum(self.seconds), 1e-9)
+
+    @property
+    def wall_time_s(self) -> float:
+        return sum(self.seconds)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "wall_time_s": self.wall_time_s}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def _check(name: str, value, kind=int, low=0, strict=True) -> None:
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or (value <= low if strict else value < low):
+        rel = ">" if strict else ">="
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an int'} {rel} {low}, got {value!r}")
+
+
+def make_optimizer(params: dict, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors)."""
+    decay = [p for p in params.values() if p.dim() >= 2]
+    rest = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _distributed():
+    """(world size, rank, local rank), starting torch.distributed when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1, 0, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return world, dist.get_rank(), local
+
+
+def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_size: int = 8,
+          grad_accum: int = 1, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
+          warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0, max_len: int = 256,
+          eval_every: int = 0, eval_examples: list[dict] | None = None, eval_accuracy: bool = True,
+          max_new_tokens: int = 40, checkpoint_dir: Path | str | None = None, checkpoint_every: int = 0,
+          resume: bool = False, stop_after: int | None = None, seed: int = 0, log_every: int = 10,
+          progress: bool = True) -> History:
+    """Train the trainable parameters of ``model`` for ``steps`` optimizer steps; return the History.
+
+    train_data: dataset examples (``data.load_split``) or (prompt, answer) dicts, batched here in a seeded
+        order; or any re-iterable of ready batches (dicts of input_ids, attention_mask, labels), e.g. a
+        DataLoader -- on resume its first batches are skipped, exact if its order is deterministic.
+    eval_every: every so many steps (and at the end) record the loss on ``eval_examples`` and, with
+        ``eval_accuracy``, their exact-match accuracy by greedy generation.
+    checkpoint_dir: save there at the end (and every ``checkpoint_every`` steps); ``resume=True`` continues
+        from its checkpoint and must be given the same settings. stop_after: stop after that step (as if the
+        job were killed) while the schedule still runs to ``steps``.
+    """
+    for name, value in dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum).items():
+        _check(name, value)
+    _check("max_len", max_len, low=1)
+    for name, value in dict(warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                            log_every=log_every).items():
+        _check(name, value, strict=False)
+    _check("lr", lr, float)
+    _check("weight_decay", weight_decay, float, strict=False)
+    if max_grad_norm is not None:
+        _check("max_grad_norm", max_grad_norm, float)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+    if stop_after is not None and not (isinstance(stop_after, int) and 0 < stop_after <= steps):
+        raise ValueError(f"stop_after must be None or an int in [1, steps={steps}], got {stop_after!r}")
+    if eval_every and not eval_examples:
+        raise ValueError("eval_every > 0 needs eval_examples")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if isinstance(train_data, (list, tuple)) and not train_data:
+        raise ValueError("train_data must not be empty")
+    examples = isinstance(train_data, (list, tuple)) and "input_ids" not in train_data[0]  # else: batches
+    config = dict(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                  weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
+                  min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed)
+
+    world, rank, local = _distributed()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, lr, weight_decay)
+    history, start = History(), 0
+    if resume:
+        state = load_checkpoint(checkpoint_dir, params, optimizer)
+        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"resume with different settings than the checkpoint (saved, now): {changed}")
+        history, start = History(**state["history"]), state["step"]
+    else:
+        torch.manual_seed(seed)  # dropout; the data order has its own seed
+    device = next(model.parameters()).device
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+
+    def next_batch(micro: int) -> dict:
+        if examples:
+            idx = batch_indices(len(train_data), batch_size, micro, seed, world, rank)
+            return data.collate([train_data[i] for i in idx], tokenizer, max_len)
+        return next(stream)
+
+    if not examples:  # an iterable of batches: cycle it, skipping what a resumed run already used
+        stream = _cycle(train_data, skip=start * grad_accum)
+
+    model.train()
+    end = stop_after or steps
+    bar = tqdm(range(start, end), desc="train", disable=not progress or rank != 0, initial=start, total=end)
+    for step in bar:
+        batches = [_to(next_batch(step * grad_accum + k), device) for k in range(grad_accum)]
+        step_lr = lr_at(step, lr, steps, warmup_steps, schedule, min_lr_ratio)
+        point = optimizer_step(model, net, batches, optimizer, params, step_lr, max_grad_norm, world)
+        for key, value in dict(step=step + 1, lr=step_lr, **point).items():
+            getattr(history, key).append(value)
+        rate = point["tokens"] / point["seconds"]
+        bar.set_postfix(loss=f"{point['loss']:.4f}", lr=f"{step_lr:.2e}", tok_s=f"{rate:.0f}")
+        done = step + 1  # optimizer steps taken
+        if rank == 0 and log_every and (done % log_every == 0 or done == end):
+            tqdm.write(f"step {done:5d}/{steps}  loss {point['loss']:.4f}  lr {step_lr:.2e}  "
+                       f"grad_norm {point['grad_norm']:.3f}  {rate:.0f} tok/s")
+        if rank == 0 and eval_every and (done % eval_every == 0 or done == steps):
+            history.eval.append({"step": done, **validate(model, tokenizer, eval_examples, batch_size, max_len,
+                                                          eval_accuracy, max_new_tokens, progress)})
+            tqdm.write(f"eval at step {done}: {history.eval[-1]}")
+        if rank == 0 and checkpoint_dir is not None and (done == end or checkpoint_every and
+                                                         done % checkpoint_every == 0):
+            save_checkpoint(checkpoint_dir, params, optimizer, dict(step=done, config=config,
+                                                                    history=asdict(history)))
+    bar.close()
+    model.eval()
+    return history
+
+
+def optimizer_step(model, net, batches: list[dict], optimizer, params: dict, lr: float,
+                   max_grad_norm: float | None, world: int = 1) -> dict:
+    """One AdamW step over ``batches`` (the micro-batches); returns its loss, grad_norm, tokens and seconds.
+
+    Each micro-batch's summed token loss is divided by the token count of the whole step, so the gradients
+    add up to the gradient of the step's mean token loss however the step is split."""
+    t0 = time.perf_counter()
+    n_tok = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)  # answer tokens
+    loss = torch.zeros((), device=batches[0]["input_ids"].device)
+    for k, batch in enumerate(batches):
+        sync = world == 1 or k == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
+        with contextlib.nullcontext() if sync else net.no_sync():
+            micro = token_loss_sum(model, batch, net) / max(n_tok, 1)
+            micro.backward()
+        loss += micro.detach()
+    if world > 1:  # log the mean over ranks (DDP already averaged the gradients)
+        torch.distributed.all_reduce(loss)
+        loss /= world
+    grads = [p for p in params.values() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))  # the norm before clipping
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # non-padding tokens
+    return dict(loss=loss.item(), grad_norm=float(norm), tokens=tokens, seconds=time.perf_counter() - t0)
+
+
+def _cycle(loader, skip: int = 0):
+    """Batches of ``loader`` forever (a new pass, and ``set_epoch`` on its sampler, when one ends)."""
+    epoch, seen = 0, 0
+    while True:
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            if seen >= skip:
+                yield batch
+            seen += 1
+        if empty:
+            raise ValueError("train_data yielded no batches")
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: python -m lorabook.train
+
+def load_model(name: str, seed: int = 0, device="cpu"):
+    """(model, tokenizer): "smollm2" (the base model) or "tiny" (a random 2-layer Llama, byte tokenizer)."""
+    if name == "tiny":
+        from lorabook.models import tiny_llama
+        tok = data.byte_tokenizer()
+        return tiny_llama(seed=seed, vocab_size=len(tok), max_seq_len=512).to(device), tok
+    if name == "smollm2":
+        from lorabook.models import load_base_model
+        return load_base_model("smollm2", device=device)
+    raise ValueError(f"unknown model {name!r}; models: ['tiny', 'smollm2']")
+
+
+OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
+    ("--method", str, "lora", "lora, adapter_h, adapter_l, bitfit, prefix or full"),
+    ("--model", str, "smollm2", "smollm2 or tiny (a random 2-layer Llama, for smoke tests)"),
+    ("--steps", int, 30, "optimizer steps"), ("--lr", float, 3e-3, "peak learning rate"),
+    ("--rank", int, 8, "lora: rank r"), ("--alpha", float, 16, "lora: alpha (the scale is alpha/r)"),
+    ("--targets", str, "q_proj,v_proj", "lora: comma-separated layer names, or all-linear"),
+    ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
+    ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),
+    ("--grad-accum", int, 1, "micro-batches per optimizer step"), ("--max-len", int, 160, "tokens per example"),
+    ("--max-grad-norm", float, 1.0, "clip the gradient norm (0: no clipping)"),
+    ("--weight-decay", float, 0.0, "AdamW weight decay"), ("--warmup", int, 3, "linear warmup steps"),
+    ("--schedule", str, "cosine", "cosine or constant after the warmup"),
+    ("--eval-every", int, 0, "val loss and accuracy every N steps (0: never)"),
+    ("--eval-n", int, 100, "test examples scored before and after"),
+    ("--max-new-tokens", int, 40, "generation length (the longest answer has 31 tokens)"),
+    ("--out", str, None, "checkpoint folder"), ("--checkpoint-every", int, 10, "steps between checkpoints"),
+    ("--stop-after", int, None, "stop after this step, as if killed (then --resume)"),
+    ("--results", str, None, "write everything measured as JSON here"),
+    ("--seed", int, 0, "seed of the adapter init, dropout and data order"),
+    ("--threads", int, 0, "torch CPU threads (0: torch's default; 1 is faster on a busy machine)"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lorabook.train", description=__doc__.split("\n")[0])
+    for flag, kind, default, help_ in OPTIONS:
+        p.add_argument(flag, type=kind, default=default, help=f"{help_} (default: {default})")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--no-before", action="store_true", help="skip scoring the model before training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def method_kwargs(args) -> dict:
+    """The CLI options that concern ``args.method``, as ``prepare`` takes them."""
+    if args.method == "lora":
+        targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
+        return dict(target_modules=targets, r=args.rank, alpha=args.alpha)
+    return {"adapter_h": dict(bottleneck=args.bottleneck), "adapter_l": dict(bottleneck=args.bottleneck),
+            "prefix": dict(n_prefix=args.n_prefix)}.get(args.method, {})
+
+
+def main(argv=None) -> dict:
+    """The CLI: score ``--eval-n`` test examples, train, score again; print and return (and save) the results."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.method not in methods():
+        raise ValueError(f"unknown method {args.method!r}; methods: {list(methods())}")
+    if args.resume and not (args.out and (Path(args.out) / CKPT_NAME).is_file()):
+        raise FileNotFoundError(f"--resume needs a checkpoint at {Path(args.out or '.') / CKPT_NAME}; "
+                                "run once without --resume (with --out) first")
+    _check("eval_n", args.eval_n)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world, rank, local = _distributed()
+    device = f"cuda:{local}" if torch.cuda.is_available() else lorabook.device()
+    torch.manual_seed(args.seed)  # the model's (and the adapter's) random init
+    model, tok = load_model(args.model, args.seed, device)
+    train_ex, test_ex = data.load_split("train"), data.load_split("test", n=args.eval_n)
+    progress = not args.no_progress
+    score = lambda: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=progress)  # noqa
+    before, before_s = (None, 0.0) if args.no_before or rank else score()
+    prepare(model, args.method, **method_kwargs(args))
+    n_train, n_all = count_trainable(model)
+    if rank == 0:
+        print(f"{args.method} on {args.model}: {n_train:,} trainable of {n_all:,} parameters "
+              f"({100 * n_train / n_all:.3f}%)")
+    history = train(model, train_ex, tok, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None,
+                    weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                    max_len=args.max_len, eval_every=args.eval_every, max_new_tokens=args.max_new_tokens,
+                    eval_examples=data.load_split("val", n=args.eval_n) if args.eval_every else None,
+                    checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                    stop_after=args.stop_after, seed=args.seed, progress=progress,
+                    log_every=max(1, args.steps // 20))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank:  # rank 0 scores and reports
+        return {}
+    after, after_s = score()
+    result = dict(command="python -m lorabook.train " + " ".join(argv), settings=vars(args),
+                  device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                  trainable_params=n_train, total_params=n_all, eval_split="test", eval_n=len(test_ex),
+                  **report(history, test_ex, before, after, before_s + after_s))
+    if args.results:
+        _write_json(Path(args.results), result)
+    return result
+
+
+def _timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
+
+
+def report(history: History, examples: list[dict], before: list[str] | None, after: list[str],
+           eval_s: float) -> dict:
+    """Print the loss curve and the accuracies before/after; return them as a JSON-able dict."""
+    print("step   loss")
+    for s, loss in list(zip(history.step, history.loss))[::max(1, len(history.loss) // 20)]:
+        print(f"{s:5d}  {loss:.4f}")
+    acc_before = None if before is None else data.accuracy(before, examples)
+    acc_after = data.accuracy(after, examples)
+    shown = "n/a" if acc_before is None else f"{acc_before:.1%}"
+    print(f"exact match on {len(examples)} test examples: before {shown}, after {acc_after:.1%}; training "
+          f"{history.wall_time_s:.0f} s ({history.tokens_per_s:.0f} tok/s), scoring {eval_s:.0f} s")
+    predictions = [{"id": ex["id"], "question": ex["question"], "gold": ex["sql"],
+                    **({} if before is None else {"before": before[i]}), "after": a,
+                    "match": data.exact_match(a, ex["sql"])} for i, (ex, a) in enumerate(zip(examples, after))]
+    return dict(accuracy_before=acc_before, accuracy_after=acc_after, train_wall_time_s=history.wall_time_s,
+                eval_wall_time_s=eval_s, tokens_per_s=history.tokens_per_s, loss_curve=history.loss,
+                lr_curve=history.lr, eval_points=history.eval, predictions=predictions,
+                load_avg_1m=os.getloadavg()[0])  # other work on the machine slows the timings
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message, not a traceback
+        sys.exit(f"error: {err}")

@@ -1,0 +1,202 @@
+"""The training loop on tiny models: it learns, resume reproduces the loss curve bit for bit, grad accumulation
+equals a big batch, the schedule, checkpoints, the CLI and bad input. Seconds in all."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lorabook import data, train as T
+from lorabook.lora import add_lora
+from lorabook.models import tiny_llama
+
+TOK = data.byte_tokenizer()
+EXAMPLES = data.load_split("train", n=8)
+SHORT = dict(max_len=400, progress=False, log_every=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine makes two threads many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_lora(dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    model = tiny_llama(seed=seed, vocab_size=len(TOK), max_seq_len=512)
+    return add_lora(model, "all-linear", r=4, alpha=8, dropout=dropout)
+
+
+def test_loss_decreases_when_overfitting_a_few_examples():
+    model = tiny_llama(seed=0, vocab_size=len(TOK), max_seq_len=512).requires_grad_(True)
+    h = T.train(model, EXAMPLES[:4], TOK, steps=30, lr=1e-2, batch_size=4, warmup_steps=3, **SHORT)
+    assert len(h.loss) == 30 and h.step == list(range(1, 31))
+    assert h.loss[-1] < 0.5 * h.loss[0]
+    assert h.tokens_per_s > 0 and h.wall_time_s > 0 and not model.training
+
+
+def test_resume_reproduces_the_loss_curve_bit_for_bit(tmp_path):
+    kw = dict(steps=6, lr=5e-3, batch_size=2, grad_accum=2, warmup_steps=2, weight_decay=0.1, **SHORT)
+    straight = tiny_lora(dropout=0.1)  # dropout: the RNG state must come back too
+    h1 = T.train(straight, EXAMPLES, TOK, checkpoint_dir=tmp_path / "a", **kw)
+
+    stopped = tiny_lora(dropout=0.1)
+    h2 = T.train(stopped, EXAMPLES, TOK, checkpoint_dir=tmp_path / "b", stop_after=3, **kw)
+    assert h2.loss == h1.loss[:3]
+    torch.manual_seed(123)  # a different process would start from another RNG state
+    resumed = tiny_lora(dropout=0.1)  # fresh adapter: the checkpoint must overwrite it
+    h3 = T.train(resumed, EXAMPLES, TOK, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    assert h3.loss == h1.loss and h3.lr == h1.lr and h3.step == list(range(1, 7))
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_resume_with_a_stream_of_batches(tmp_path):
+    batches = [data.collate(EXAMPLES[i:i + 2], TOK, 400) for i in range(0, 8, 2)]
+    kw = dict(steps=5, lr=5e-3, **SHORT)
+    h1 = T.train(tiny_lora(), batches, TOK, **kw)
+    T.train(tiny_lora(), batches, TOK, checkpoint_dir=tmp_path, stop_after=2, **kw)
+    h2 = T.train(tiny_lora(), batches, TOK, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert h2.loss == h1.loss
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    big = T.train(tiny_lora(), EXAMPLES, TOK, steps=3, lr=1e-2, batch_size=4, grad_accum=1, **SHORT)
+    acc = T.train(tiny_lora(), EXAMPLES, TOK, steps=3, lr=1e-2, batch_size=2, grad_accum=2, **SHORT)
+    assert acc.tokens == big.tokens  # the same examples in each step
+    torch.testing.assert_close(acc.loss[0], big.loss[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(acc.grad_norm[0], big.grad_norm[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(acc.loss, big.loss, rtol=1e-4, atol=0)
+
+
+def test_only_trainable_parameters_change():
+    model = tiny_lora()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    T.train(model, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=4, **SHORT)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != ("lora_" in n), n  # B and A move, the base does not
+
+
+def test_schedule_warmup_then_cosine():
+    lrs = [T.lr_at(s, 1.0, steps=10, warmup_steps=2) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] > 0
+    assert T.lr_at(9, 1.0, 10, 0, min_lr_ratio=0.1) > 0.1
+    assert T.lr_at(7, 1.0, 10, 2, schedule="constant") == 1.0
+
+
+def test_batch_indices_cover_each_epoch_once():
+    epoch = sorted(i for m in range(4) for i in T.batch_indices(8, 2, m, seed=0))
+    assert epoch == list(range(8))
+    second = [i for m in range(4, 8) for i in T.batch_indices(8, 2, m, seed=0)]
+    assert sorted(second) == epoch and second != [i for m in range(4) for i in T.batch_indices(8, 2, m, 0)]
+    assert T.batch_indices(8, 2, 1, seed=0) != T.batch_indices(8, 2, 1, seed=1)
+
+
+def test_checkpoint_is_one_safetensors_file(tmp_path):
+    model = tiny_lora()
+    T.train(model, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=4, checkpoint_dir=tmp_path, **SHORT)
+    assert [p.name for p in tmp_path.iterdir()] == [T.CKPT_NAME]  # no temp file left behind
+    with safe_open(str(tmp_path / T.CKPT_NAME), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {k[6:] for k in keys if k.startswith("param.")} == lora
+    assert any(k.endswith("exp_avg_sq") for k in keys) and "rng.cpu" in keys
+    assert json.loads(meta["trainer_state"])["step"] == 2
+
+
+def test_eval_points(tmp_path):
+    h = T.train(tiny_lora(), EXAMPLES, TOK, steps=4, lr=1e-2, batch_size=4, eval_every=2,
+                eval_examples=EXAMPLES[:2], max_new_tokens=4, **SHORT)
+    assert [p["step"] for p in h.eval] == [2, 4] and all(0 <= p["accuracy"] <= 1 for p in h.eval)
+    assert h.eval[1]["val_loss"] < h.eval[0]["val_loss"] * 1.5
+
+
+def test_cli_on_the_tiny_model(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    result = T.main(["--model", "tiny", "--steps", "3", "--batch-size", "2", "--max-len", "400", "--eval-n", "2",
+                     "--no-progress", "--out", str(tmp_path / "ck"), "--results", str(out)])
+    assert json.loads(out.read_text())["loss_curve"] == result["loss_curve"] and len(result["loss_curve"]) == 3
+    assert "exact match on 2 test examples" in capsys.readouterr().out
+    assert (tmp_path / "ck" / T.CKPT_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, arg", [
+    (dict(steps=0), "steps"), (dict(steps=-1), "steps"), (dict(steps=2.0), "steps"), (dict(lr=0), "lr"),
+    (dict(lr=-1e-3), "lr"), (dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"),
+    (dict(max_len=1), "max_len"), (dict(warmup_steps=-1), "warmup_steps"), (dict(max_grad_norm=0), "max_grad_norm"),
+    (dict(schedule="linear"), "schedule"), (dict(min_lr_ratio=2), "min_lr_ratio"), (dict(stop_after=9), "stop_after"),
+    (dict(eval_every=2), "eval_examples"), (dict(resume=True), "checkpoint_dir"),
+    (dict(batch_size=100), "batch_size=100 exceeds"), (dict(weight_decay=-1), "weight_decay"),
+])
+def test_bad_train_arguments(kwargs, arg):
+    kw = dict(steps=2, lr=1e-3, batch_size=2, **SHORT) | kwargs
+    with pytest.raises(ValueError, match=arg):
+        T.train(tiny_lora(), EXAMPLES, TOK, **kw)
+
+
+def test_empty_data_and_no_trainable_parameters():
+    with pytest.raises(ValueError, match="train_data must not be empty"):
+        T.train(tiny_lora(), [], TOK, steps=1)
+    frozen = tiny_llama(vocab_size=len(TOK)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        T.train(frozen, EXAMPLES, TOK, steps=1, **SHORT)
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        T.train(tiny_lora(), EXAMPLES, TOK, steps=2, checkpoint_dir=tmp_path, resume=True, **SHORT)
+    with pytest.raises(FileNotFoundError, match="--resume needs a checkpoint"):
+        T.main(["--model", "tiny", "--steps", "2", "--out", str(tmp_path), "--resume"])
+
+
+def test_resume_with_other_settings_or_another_model(tmp_path):
+    T.train(tiny_lora(), EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=2, checkpoint_dir=tmp_path, **SHORT)
+    with pytest.raises(ValueError, match="different settings.*'lr': \\(0.01, 0.02\\)"):
+        T.train(tiny_lora(), EXAMPLES, TOK, steps=2, lr=2e-2, batch_size=2, checkpoint_dir=tmp_path,
+                resume=True, **SHORT)
+    other = add_lora(tiny_llama(vocab_size=len(TOK)), ["q_proj"], r=2)
+    with pytest.raises(ValueError, match="does not fit the model's trainable parameters"):
+        T.train(other, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=2, checkpoint_dir=tmp_path, resume=True,
+                **SHORT)
+
+
+def test_unknown_method_and_model():
+    with pytest.raises(ValueError, match="method 'dora'"):
+        T.prepare(tiny_llama(), "dora")
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        T.main(["--method", "dora", "--model", "tiny"])
+    with pytest.raises(ValueError, match="unknown model 'gpt5'"):
+        T.load_model("gpt5")
+
+
+@pytest.mark.parametrize("method", T.methods())
+def test_every_method_trains_in_the_same_loop(method):
+    torch.manual_seed(0)
+    model = T.prepare(tiny_llama(seed=0, vocab_size=len(TOK), max_seq_len=512), method)
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    h = T.train(model, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=2, **SHORT)
+    assert len(h.loss) == 2 and all(torch.isfinite(torch.tensor(h.loss)))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_torchrun_with_two_cpu_processes(tmp_path):
+    """The WORLD_SIZE > 1 path (DDP over gloo, sharded data): two ranks train, rank 0 checkpoints and reports.
+    This is the only run of that path here; it has not been run on GPUs (nccl)."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lorabook.train", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--max-len", "400",
+           "--eval-n", "2", "--max-new-tokens", "4", "--no-before", "--no-progress", "--out", str(tmp_path / "ck"),
+           "--results", str(out)]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(json.loads(out.read_text())["loss_curve"]) == 2 and (tmp_path / "ck" / T.CKPT_NAME).is_file()
+    assert run.stdout.count("trainable of") == 1  # rank 0 alone prints
