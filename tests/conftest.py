@@ -15,3 +15,12 @@ def smollm2():
     from lorabook.models import load_base_model
     torch.manual_seed(0)
     return load_base_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy machine makes two threads many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ EXAMPLES = data.load_split("train", n=8)
 SHORT = dict(max_len=400, progress=False, log_every=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes two threads many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_lora(dropout=0.0, seed=0):
