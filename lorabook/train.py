@@ -24,13 +24,10 @@ documented torch.distributed API but has not been run on GPUs here.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,10 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import lorabook
 from lorabook import baselines, data
 from lorabook.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint  # noqa: F401 (re-exported)
-from lorabook.lora import count_trainable
 
 SCHEDULES = ("cosine", "constant")
 
@@ -357,129 +352,12 @@ def load_model(name: str, seed: int = 0, device="cpu"):
     raise ValueError(f"unknown model {name!r}; models: ['tiny', 'smollm2']")
 
 
-OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
-    ("--method", str, "lora", "lora, adapter_h, adapter_l, bitfit, prefix or full"),
-    ("--model", str, "smollm2", "smollm2 or tiny (a random 2-layer Llama, for smoke tests)"),
-    ("--steps", int, 30, "optimizer steps"), ("--lr", float, 3e-3, "peak learning rate"),
-    ("--rank", int, 8, "lora: rank r"), ("--alpha", float, 16, "lora: alpha (the scale is alpha/r)"),
-    ("--targets", str, "q_proj,v_proj", "lora: comma-separated layer names, or all-linear"),
-    ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
-    ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),
-    ("--grad-accum", int, 1, "micro-batches per optimizer step"), ("--max-len", int, 160, "tokens per example"),
-    ("--max-grad-norm", float, 1.0, "clip the gradient norm (0: no clipping)"),
-    ("--weight-decay", float, 0.0, "AdamW weight decay"), ("--warmup", int, 3, "linear warmup steps"),
-    ("--schedule", str, "cosine", "cosine or constant after the warmup"),
-    ("--eval-every", int, 0, "val loss and accuracy every N steps (0: never)"),
-    ("--eval-n", int, 100, "test examples scored before and after"),
-    ("--max-new-tokens", int, 40, "generation length (the longest answer has 31 tokens)"),
-    ("--out", str, None, "checkpoint folder"), ("--checkpoint-every", int, 10, "steps between checkpoints"),
-    ("--stop-after", int, None, "stop after this step, as if killed (then --resume)"),
-    ("--results", str, None, "write everything measured as JSON here"),
-    ("--seed", int, 0, "seed of the adapter init, dropout and data order"),
-    ("--threads", int, 0, "torch CPU threads (0: torch's default; 1 is faster on a busy machine)"),
-]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lorabook.train", description=__doc__.split("\n")[0])
-    for flag, kind, default, help_ in OPTIONS:
-        p.add_argument(flag, type=kind, default=default, help=f"{help_} (default: {default})")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--no-before", action="store_true", help="skip scoring the model before training")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
-
-
-def method_kwargs(args) -> dict:
-    """The CLI options that concern ``args.method``, as ``prepare`` takes them."""
-    if args.method == "lora":
-        targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
-        return dict(target_modules=targets, r=args.rank, alpha=args.alpha)
-    return {"adapter_h": dict(bottleneck=args.bottleneck), "adapter_l": dict(bottleneck=args.bottleneck),
-            "prefix": dict(n_prefix=args.n_prefix)}.get(args.method, {})
-
-
 def main(argv=None) -> dict:
-    """The CLI: score ``--eval-n`` test examples, train, score again; print and return (and save) the results."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if args.method not in methods():
-        raise ValueError(f"unknown method {args.method!r}; methods: {list(methods())}")
-    if args.resume and not (args.out and (Path(args.out) / CKPT_NAME).is_file()):
-        raise FileNotFoundError(f"--resume needs a checkpoint at {Path(args.out or '.') / CKPT_NAME}; "
-                                "run once without --resume (with --out) first")
-    _check("eval_n", args.eval_n)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world, rank, local = _distributed()
-    device = f"cuda:{local}" if torch.cuda.is_available() else lorabook.device()
-    torch.manual_seed(args.seed)  # the model's (and the adapter's) random init
-    model, tok = load_model(args.model, args.seed, device)
-    train_ex, test_ex = data.load_split("train"), data.load_split("test", n=args.eval_n)
-    progress = not args.no_progress
-    score = lambda: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=progress)  # noqa
-    before, before_s = (None, 0.0) if args.no_before or rank else score()
-    prepare(model, args.method, **method_kwargs(args))
-    n_train, n_all = count_trainable(model)
-    if rank == 0:
-        print(f"{args.method} on {args.model}: {n_train:,} trainable of {n_all:,} parameters "
-              f"({100 * n_train / n_all:.3f}%)")
-    history = train(model, train_ex, tok, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                    grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None,
-                    weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
-                    max_len=args.max_len, eval_every=args.eval_every, max_new_tokens=args.max_new_tokens,
-                    eval_examples=data.load_split("val", n=args.eval_n) if args.eval_every else None,
-                    checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                    stop_after=args.stop_after, seed=args.seed, progress=progress,
-                    log_every=max(1, args.steps // 20))
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if rank:  # rank 0 scores and reports
-        return {}
-    after, after_s = score()
-    result = dict(command="python -m lorabook.train " + " ".join(argv), settings=vars(args),
-                  device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                  trainable_params=n_train, total_params=n_all, eval_split="test", eval_n=len(test_ex),
-                  **report(history, test_ex, before, after, before_s + after_s))
-    if args.results:
-        _write_json(Path(args.results), result)
-    return result
-
-
-def _timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - t0
-
-
-def report(history: History, examples: list[dict], before: list[str] | None, after: list[str],
-           eval_s: float) -> dict:
-    """Print the loss curve and the accuracies before/after; return them as a JSON-able dict."""
-    print("step   loss")
-    for s, loss in list(zip(history.step, history.loss))[::max(1, len(history.loss) // 20)]:
-        print(f"{s:5d}  {loss:.4f}")
-    acc_before = None if before is None else data.accuracy(before, examples)
-    acc_after = data.accuracy(after, examples)
-    shown = "n/a" if acc_before is None else f"{acc_before:.1%}"
-    print(f"exact match on {len(examples)} test examples: before {shown}, after {acc_after:.1%}; training "
-          f"{history.wall_time_s:.0f} s ({history.tokens_per_s:.0f} tok/s), scoring {eval_s:.0f} s")
-    predictions = [{"id": ex["id"], "question": ex["question"], "gold": ex["sql"],
-                    **({} if before is None else {"before": before[i]}), "after": a,
-                    "match": data.exact_match(a, ex["sql"])} for i, (ex, a) in enumerate(zip(examples, after))]
-    return dict(accuracy_before=acc_before, accuracy_after=acc_after, train_wall_time_s=history.wall_time_s,
-                eval_wall_time_s=eval_s, tokens_per_s=history.tokens_per_s, loss_curve=history.loss,
-                lr_curve=history.lr, eval_points=history.eval, predictions=predictions,
-                load_avg_1m=os.getloadavg()[0])  # other work on the machine slows the timings
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """``python -m lorabook.train``: the command line lives in ``lorabook.train_cli``."""
+    from .train_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message, not a traceback
-        sys.exit(f"error: {err}")
+    from .train_cli import run
+    run()
