@@ -254,8 +254,12 @@ for _wrapped, _name in _PREFIX_IMPLS.items():
     AttentionMaskInterface.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_wrapped])  # the wrapped one's masks
 
 
-def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = None, init_std: float = 1.0):
-    """Prefix tuning: ``model.prefix_tuning`` holds the prefixes; only they (or their MLP) train."""
+def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = None, init_std: float = 1.0,
+                      init_ids: torch.Tensor | None = None):
+    """Prefix tuning: ``model.prefix_tuning`` holds the prefixes; only they (or their MLP) train.
+
+    init_ids: (n_prefix,) token ids whose keys and values (the model's own, at positions 0..P-1) start the prefix
+    instead of N(0, init_std²) noise -- Li & Liang's initialisation from real words' activations."""
     _positive_int("n_prefix", n_prefix)
     if reparam_hidden is not None:
         _positive_int("reparam_hidden", reparam_hidden)
@@ -264,6 +268,13 @@ def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = No
     _arch(model)
     if hasattr(model, "prefix_tuning"):
         raise ValueError("model already has prefix_tuning: add it to a fresh model")
+    if init_ids is not None:
+        if not (isinstance(init_ids, torch.Tensor) and init_ids.shape == (n_prefix,) and not init_ids.is_floating_point()):
+            raise ValueError(f"init_ids must be an integer tensor of shape ({n_prefix},) (n_prefix token ids), "
+                             f"got {init_ids!r}")
+        if reparam_hidden is not None:
+            raise ValueError("init_ids initialises the prefix itself: give it without reparam_hidden")
+        start = _key_values_of(model, init_ids)  # (L, 2, n_kv, P, head_dim)
     impl = model.config._attn_implementation
     if impl not in _PREFIX_IMPLS:
         raise ValueError(f"prefix tuning wraps attn_implementation {sorted(_PREFIX_IMPLS)}, the model uses {impl!r}")
@@ -274,9 +285,19 @@ def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = No
     ref = next(model.parameters())
     model.prefix_tuning = PrefixTuning(c.num_hidden_layers, n_kv, head_dim, n_prefix, c.hidden_size,
                                        reparam_hidden, init_std).to(device=ref.device, dtype=ref.dtype)
+    if init_ids is not None:
+        model.prefix_tuning.key_value.data.copy_(start)
     model.register_forward_pre_hook(model.prefix_tuning.hand_down, with_kwargs=True)
     model.config._attn_implementation = _PREFIX_IMPLS[impl]
     return model
+
+
+@torch.no_grad()
+def _key_values_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """Every layer's keys and values of the token ids ``ids`` (P,): (L, 2, n_kv, P, head_dim), from the KV cache."""
+    out = model(input_ids=ids[None].to(next(model.parameters()).device), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
 # ---- full fine-tuning and the registry ----------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -64,6 +66,8 @@ def _load_all() -> dict[str, Callable[..., list[dict]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns at import about an optional CPU kernel
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # peft calls deprecated API
     benchmarks = _load_all()
     parser = argparse.ArgumentParser(prog="python -m lorabook.bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", help=f"one of {sorted(benchmarks)} or 'all'")

@@ -23,6 +23,7 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--rank", int, 8, "lora: rank r"), ("--alpha", float, 16, "lora: alpha (the scale is alpha/r)"),
     ("--targets", str, "q_proj,v_proj", "lora: comma-separated layer names, or all-linear"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
+    ("--prefix-text", str, None, "prefix: start from this text's keys/values (its first n-prefix tokens), not noise"),
     ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),
     ("--grad-accum", int, 1, "micro-batches per optimizer step"), ("--max-len", int, 160, "tokens per example"),
     ("--max-grad-norm", float, 1.0, "clip the gradient norm (0: no clipping)"),
@@ -49,11 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def method_kwargs(args) -> dict:
+def method_kwargs(args, tokenizer=None) -> dict:
     """The CLI options that concern ``args.method``, as ``prepare`` takes them."""
     if args.method == "lora":
         targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
         return dict(target_modules=targets, r=args.rank, alpha=args.alpha)
+    if args.method == "prefix" and args.prefix_text is not None:
+        ids = tokenizer(args.prefix_text, add_special_tokens=False)["input_ids"]
+        if len(ids) < args.n_prefix:
+            raise ValueError(f"--prefix-text has {len(ids)} tokens, fewer than --n-prefix {args.n_prefix}")
+        return dict(n_prefix=args.n_prefix, init_ids=torch.tensor(ids[:args.n_prefix]))
     return {"adapter_h": dict(bottleneck=args.bottleneck), "adapter_l": dict(bottleneck=args.bottleneck),
             "prefix": dict(n_prefix=args.n_prefix)}.get(args.method, {})
 
@@ -78,7 +84,7 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     score = lambda: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=progress)  # noqa
     before, before_s = (None, 0.0) if args.no_before or rank else score()
-    prepare(model, args.method, **method_kwargs(args))
+    prepare(model, args.method, **method_kwargs(args, tok))
     n_train, n_all = count_trainable(model)
     if rank == 0:
         print(f"{args.method} on {args.model}: {n_train:,} trainable of {n_all:,} parameters "

@@ -257,6 +257,19 @@ def test_prefix_reparametrisation_counts_trains_and_bakes():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_from_real_tokens_starts_at_their_keys_and_values(family):
+    """Li & Liang's init: the prefix is the model's own keys and values of P real tokens (its KV cache)."""
+    ids = torch.tensor([5, 17, 3, 9])
+    with torch.no_grad():
+        cache = MAKE[family]()(input_ids=ids[None], use_cache=True).past_key_values
+    model = B.add_prefix_tuning(MAKE[family](), n_prefix=4, init_ids=ids)
+    kv = model.prefix_tuning.key_value  # (L, 2, n_kv, P, hd)
+    for i, layer in enumerate(cache.layers):
+        assert torch.equal(kv[i, 0], layer.keys[0]) and torch.equal(kv[i, 1], layer.values[0])
+    assert kv.requires_grad and count_trainable(model)[0] == kv.numel()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_needs_the_causal_lm_call(family):
     model = B.add_prefix_tuning(MAKE[family]())
     inner = model.model if family == "llama" else model.transformer
@@ -277,6 +290,9 @@ def test_prefix_needs_the_causal_lm_call(family):
     (lambda m: B.add_prefix_tuning(m, n_prefix=-2), "n_prefix"),
     (lambda m: B.add_prefix_tuning(m, reparam_hidden=0), "reparam_hidden"),
     (lambda m: B.add_prefix_tuning(m, init_std=0.0), "init_std"),
+    (lambda m: B.add_prefix_tuning(m, n_prefix=4, init_ids=torch.arange(3)), r"init_ids must be .* shape \(4,\)"),
+    (lambda m: B.add_prefix_tuning(m, n_prefix=2, init_ids=torch.ones(2)), "init_ids must be an integer tensor"),
+    (lambda m: B.add_prefix_tuning(m, n_prefix=2, reparam_hidden=8, init_ids=torch.arange(2)), "without reparam"),
     (lambda m: B.prepare(m, "qlora"), r"unknown method 'qlora'; methods: \['adapter_h'"),
     (lambda m: B.prepare(m, "bitfit", bottleneck=8), r"takes no argument\(s\) \['bottleneck'\]"),
     (lambda m: B.prepare(B.add_adapter_lin(m), "adapter_l"), "already has adapters"),

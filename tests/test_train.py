@@ -194,3 +194,12 @@ def test_torchrun_with_two_cpu_processes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(json.loads(out.read_text())["loss_curve"]) == 2 and (tmp_path / "ck" / T.CKPT_NAME).is_file()
     assert run.stdout.count("trainable of") == 1  # rank 0 alone prints
+
+
+def test_cli_prefix_from_text(capsys):
+    common = ["--model", "tiny", "--method", "prefix", "--n-prefix", "6", "--steps", "1", "--batch-size", "2",
+              "--max-len", "400", "--eval-n", "1", "--max-new-tokens", "2", "--no-before", "--no-progress"]
+    result = T.main(common + ["--prefix-text", "SELECT name FROM"])  # 16 bytes: the byte tokenizer's 16 tokens
+    assert result["trainable_params"] == 2 * 2 * 6 * 2 * 16  # 2 layers · (K, V) · P · n_kv · head_dim
+    with pytest.raises(ValueError, match="--prefix-text has 3 tokens, fewer than --n-prefix 6"):
+        T.main(common + ["--prefix-text", "abc"])

@@ -1,0 +1,198 @@
+"""The seed's LoRA accuracy tables at small scale: a grid of fine-tuning runs of SmolLM2 on mini-WikiSQL.
+
+Hu et al. 2021 (https://arxiv.org/abs/2106.09685) compare (Tables 5-6: GPT-3 175B on WikiSQL):
+    Table 2  LoRA vs full fine-tuning vs BitFit vs adapters (there on GLUE with RoBERTa; here on WikiSQL's task,
+             plus prefix tuning, which their Figure 2 compares on WikiSQL)
+    Table 5  which attention weights to adapt at one fixed budget: W_q | W_k | W_v | W_o at r = 8, pairs at
+             r = 4, all four at r = 2 (all square in GPT-3, so every cell has the same 18M parameters)
+    Table 6  the rank r = 1, 2, 4, 8, 64 for W_q; W_q, W_v; and all four
+and Table 1 (the latency of one GPT-2 medium forward: base, LoRA merged/unmerged, Adapter^L, Adapter^H) comes
+from ``lorabook.baselines.latency_table`` with many rounds (``table1``, written to data/lora_table1.json).
+Here every cell is one run of ``python -m lorabook.train`` (the lesson-03 command line: 30 AdamW steps of 8
+examples, exact match on the first 100 test examples), so a cell costs ~4 minutes of one CPU thread:
+
+    python -m lorabook.experiments table2 table5 table6 [--shard 0/2] [--out data/lora_tables.json]
+    python -m lorabook.experiments table1 [--rounds 20]      # ~5 minutes; run it on a quiet machine
+
+Runs already in ``--out`` with the same command are skipped, so an interrupted sweep resumes; ``--shard k/n``
+runs every n-th pending run, so n processes (one thread each) share the grid and the file (writes are locked).
+SmolLM2 uses grouped-query attention (9 query heads, 3 key/value heads): W_k and W_v are 576 -> 192, so a
+rank-r adapter on them has r·(576 + 192) parameters, not the r·(576 + 576) of W_q and W_o; the table shows
+each cell's real count next to its accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+OUT, LATENCY_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json"
+COMMON = ["--steps", "30", "--batch-size", "8", "--max-len", "160", "--warmup", "3", "--schedule", "cosine",
+          "--eval-n", "100", "--threads", "1", "--no-before", "--no-progress", "--seed", "0"]
+WEIGHTS = {"W_q": "q_proj", "W_k": "k_proj", "W_v": "v_proj", "W_o": "o_proj",
+           "W_q, W_k": "q_proj,k_proj", "W_q, W_v": "q_proj,v_proj",
+           "W_q, W_k, W_v, W_o": "q_proj,k_proj,v_proj,o_proj", "all linear": "all-linear"}
+PAPER = {  # WikiSQL validation accuracy (%) with GPT-3 175B, Hu et al. 2021
+    "table5": {"W_q": 70.4, "W_k": 70.0, "W_v": 73.0, "W_o": 73.2, "W_q, W_k": 71.4, "W_q, W_v": 73.7,
+               "W_q, W_k, W_v, W_o": 73.7},
+    "table6": {"W_q": [68.8, 69.6, 70.5, 70.4, 70.0], "W_q, W_v": [73.4, 73.3, 73.7, 73.8, 73.5],
+               "W_q, W_k, W_v, W_o": [74.1, 73.7, 74.0, 74.0, 73.9]},
+}
+RANKS = (1, 2, 4, 8, 64)
+
+
+def lora_run(weights: str, r: int) -> tuple[str, list[str]]:
+    """(run id, CLI arguments) of LoRA on ``weights`` (a key of WEIGHTS) at rank r (alpha 16, lr 3e-3)."""
+    short = "all" if weights == "all linear" else "".join(w[-1] for w in weights.split(", "))  # W_q, W_v -> qv
+    return f"lora-{short}-r{r}", ["--method", "lora", "--targets", WEIGHTS[weights], "--rank", str(r),
+                                  "--alpha", "16", "--lr", "3e-3"]
+
+
+# Prefix tuning starts from the keys and values of real, task-flavoured tokens (Li & Liang): random prefixes
+# (N(0, 1), also peft's default) raise SmolLM2's starting loss from 1.27 to 9.4, and 30 steps do not recover.
+PREFIX_TEXT = ("Translate the question into one SQL query over the given table. Reply with the SQL only. SELECT name "
+               "FROM table WHERE column = 'value' AND number > 10; SELECT COUNT(name), MAX(number) FROM table")
+
+# Table 2's baselines at about LoRA q,v r=8's 0.46M trainable parameters (BitFit has what it has: 0.16M;
+# full fine-tuning all 135M). Learning rates: the usual order of magnitude per method, not tuned per cell.
+BASELINES = {
+    "full": ["--method", "full", "--lr", "1e-4"],
+    "bitfit": ["--method", "bitfit", "--lr", "3e-3"],
+    "adapter_h-m6": ["--method", "adapter_h", "--bottleneck", "6", "--lr", "3e-3"],
+    "adapter_l-m12": ["--method", "adapter_l", "--bottleneck", "12", "--lr", "3e-3"],
+    "prefix-p40": ["--method", "prefix", "--n-prefix", "40", "--prefix-text", PREFIX_TEXT, "--lr", "1e-2"],
+}
+
+
+def tables() -> dict[str, dict[str, tuple[str, list[str]]]]:
+    """table -> {cell label: (run id, CLI arguments)}; a run shared by two tables appears in both."""
+    t2 = {"LoRA (W_q, W_v, r=8)": lora_run("W_q, W_v", 8), "LoRA (all linear, r=8)": lora_run("all linear", 8)}
+    t2.update({label: (run, BASELINES[run]) for label, run in [
+        ("Full fine-tuning", "full"), ("BitFit", "bitfit"), ("Adapter^H (m=6)", "adapter_h-m6"),
+        ("Adapter^L (m=12)", "adapter_l-m12"), ("Prefix (P=40)", "prefix-p40")]})
+    t5 = {w: lora_run(w, 8 // len(w.split(", "))) for w in PAPER["table5"]}  # r = 8, 4, 2
+    t6 = {f"{w}, r={r}": lora_run(w, r) for w in PAPER["table6"] for r in RANKS}
+    return {"table2": t2, "table5": t5, "table6": t6}
+
+
+def pending_runs(names: list[str], done: dict) -> list[tuple[str, list[str]]]:
+    """The distinct runs of tables ``names`` whose exact command is not in ``done`` yet, in table order."""
+    all_tables = tables()
+    bad = [n for n in names if n not in all_tables]
+    if bad:
+        raise ValueError(f"unknown table(s) {bad}; tables: {sorted(all_tables)}")
+    runs: dict[str, list[str]] = {}
+    for name in names:
+        for run, args in all_tables[name].values():
+            if done.get(run, {}).get("args") != args + COMMON:
+                runs.setdefault(run, args)
+    return list(runs.items())
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path``'s lock file (other shards wait)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load(path: Path | str = OUT) -> dict:
+    """run id -> result (see ``summarise``); {} when the file does not exist yet."""
+    path = Path(path)
+    return json.loads(path.read_text())["runs"] if path.is_file() else {}
+
+
+def summarise(args: list[str], result: dict) -> dict:
+    """What a table needs from one train_cli result: counts, accuracy, loss curve, time and a few errors."""
+    wrong = [p for p in result["predictions"] if not p["match"]]
+    keep = ("trainable_params", "total_params", "accuracy_after", "eval_n", "train_wall_time_s", "tokens_per_s",
+            "loss_curve", "load_avg_1m", "torch", "threads")
+    return dict(args=args, **{k: result[k] for k in keep}, errors=[
+        {k: p[k] for k in ("question", "gold", "after")} for p in wrong[:3]])
+
+
+def record(path: Path, run: str, summary: dict) -> None:
+    """Add one run to the JSON file at ``path`` (read-modify-write under the lock; atomic rename)."""
+    with _locked(path):
+        runs = load(path)
+        runs[run] = summary
+        _write(path, {"about": "python -m lorabook.experiments; see lorabook/experiments.py",
+                      "runs": dict(sorted(runs.items()))})
+
+
+def table_rows(name: str, runs: dict) -> list[dict]:
+    """Rows of table ``name`` from measured ``runs``: label, run, trainable params, accuracy (None: not run)."""
+    rows = []
+    for label, (run, _) in tables()[name].items():
+        got = runs.get(run, {})
+        rows.append(dict(label=label, run=run, params=got.get("trainable_params"),
+                         accuracy=got.get("accuracy_after")))
+    return rows
+
+
+def latency(rounds: int = 20, threads: int = 1) -> dict:
+    """Table 1 on this machine: ``baselines.latency_table`` (CPU: CPU_SHAPES; CUDA: the paper's shapes) with
+    ``rounds`` interleaved rounds, on ``threads`` CPU threads (one thread is steadier on a shared machine)."""
+    import torch
+
+    import lorabook
+    from lorabook import baselines
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    rows = baselines.latency_table(rounds=rounds)
+    return dict(command=f"python -m lorabook.experiments table1 --rounds {rounds}", device=str(lorabook.device()),
+                threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds,
+                wall_time_s=time.perf_counter() - t0, load_avg_1m=os.getloadavg()[0], rows=rows)
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lorabook.experiments", description=__doc__.split("\n")[0])
+    p.add_argument("tables", nargs="+", help=f"table1 and/or any of {sorted(tables())}")
+    p.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default: {OUT})")
+    p.add_argument("--shard", default="0/1", help="k/n: run every n-th pending run starting at k (default 0/1)")
+    p.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
+    p.add_argument("--rounds", type=int, default=20, help="table1: interleaved timing rounds (default 20)")
+    args = p.parse_args(argv)
+    if "table1" in args.tables:
+        args.tables.remove("table1")
+        if not args.dry_run:
+            result = latency(args.rounds)
+            _write(LATENCY_OUT, result)
+            from lorabook.baselines import format_table
+            print(format_table(result["rows"]))
+        if not args.tables:
+            return
+    k, n = (int(x) for x in args.shard.split("/"))
+    if not 0 <= k < n:
+        raise ValueError(f"--shard must be k/n with 0 <= k < n, got {args.shard!r}")
+    todo = pending_runs(args.tables, load(args.out))[k::n]
+    print(f"{len(todo)} run(s) to do in shard {k}/{n}: {[run for run, _ in todo]}")
+    if args.dry_run:
+        return
+    from lorabook.train_cli import main as train_main
+    for i, (run, run_args) in enumerate(todo):
+        t0 = time.perf_counter()
+        result = train_main(run_args + COMMON)
+        record(args.out, run, summarise(run_args + COMMON, result))
+        print(f"[{i + 1}/{len(todo)}] {run}: exact match {result['accuracy_after']:.0%} "
+              f"({result['trainable_params']:,} params, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

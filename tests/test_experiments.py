@@ -1,0 +1,83 @@
+"""The sweep behind notebook 03's tables: the grid matches the paper's, shared runs run once, finished runs are
+skipped, results merge safely, and one real (tiny) train_cli result summarises. Seconds in all."""
+import json
+import threading
+
+import pytest
+
+from lorabook import experiments as E
+from lorabook.train_cli import main as train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_table5_keeps_the_papers_budget_split():
+    table = E.tables()["table5"]
+    assert list(table) == list(E.PAPER["table5"])  # the paper's seven columns, in order
+    ranks = {label: int(args[args.index("--rank") + 1]) for label, (_, args) in table.items()}
+    assert ranks == {"W_q": 8, "W_k": 8, "W_v": 8, "W_o": 8, "W_q, W_k": 4, "W_q, W_v": 4, "W_q, W_k, W_v, W_o": 2}
+    targets = table["W_q, W_k, W_v, W_o"][1]
+    assert targets[targets.index("--targets") + 1] == "q_proj,k_proj,v_proj,o_proj"
+
+
+def test_table6_is_ranks_by_weight_sets_like_the_paper():
+    table = E.tables()["table6"]
+    assert len(table) == len(E.RANKS) * len(E.PAPER["table6"]) == 15
+    assert all(len(acc) == len(E.RANKS) for acc in E.PAPER["table6"].values())
+    assert table["W_q, W_v, r=64"][0] == "lora-qv-r64"
+
+
+def test_runs_shared_by_tables_run_once_and_finished_runs_are_skipped():
+    todo = E.pending_runs(["table5", "table6"], done={})
+    ids = [run for run, _ in todo]
+    assert len(ids) == len(set(ids)) == 7 + 15 - 3  # W_q r8, (W_q, W_v) r4, all four r2 are in both tables
+    run, args = todo[0]
+    done = {run: {"args": args + E.COMMON}}
+    assert run not in [r for r, _ in E.pending_runs(["table5", "table6"], done)]
+    changed = {run: {"args": args + ["--steps", "5"]}}  # another command: run again
+    assert run in [r for r, _ in E.pending_runs(["table5", "table6"], changed)]
+
+
+def test_unknown_table_and_bad_shard_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['table9'\]"):
+        E.pending_runs(["table9"], {})
+    with pytest.raises(ValueError, match="--shard must be k/n"):
+        E.main(["table5", "--shard", "2/2", "--out", str(tmp_path / "r.json"), "--dry-run"])
+
+
+def test_dry_run_lists_every_nth_pending_run(tmp_path, capsys):
+    E.main(["table5", "--shard", "1/3", "--out", str(tmp_path / "r.json"), "--dry-run"])
+    ids = [run for run, _ in E.pending_runs(["table5"], {})][1::3]
+    assert capsys.readouterr().out.startswith(f"{len(ids)} run(s) to do in shard 1/3: {ids}")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_concurrent_records_all_land(tmp_path):
+    path = tmp_path / "runs.json"
+    threads = [threading.Thread(target=E.record, args=(path, f"run{i}", {"accuracy_after": i / 10}))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    runs = E.load(path)
+    assert sorted(runs) == [f"run{i}" for i in range(8)] and runs["run3"] == {"accuracy_after": 0.3}
+    assert json.loads(path.read_text())["about"].startswith("python -m lorabook.experiments")
+
+
+def test_table_rows_mark_missing_runs():
+    rows = E.table_rows("table2", {"full": {"trainable_params": 10, "accuracy_after": 0.5}})
+    full = next(r for r in rows if r["run"] == "full")
+    assert (full["params"], full["accuracy"]) == (10, 0.5)
+    assert all(r["accuracy"] is None for r in rows if r["run"] != "full")
+
+
+def test_a_real_tiny_run_summarises(tmp_path):
+    args = ["--model", "tiny", "--method", "lora", "--targets", "all-linear", "--steps", "2", "--batch-size", "2",
+            "--max-len", "300", "--eval-n", "2", "--max-new-tokens", "4", "--no-before", "--no-progress"]
+    summary = E.summarise(args, train_main(args))
+    assert summary["args"] == args and summary["eval_n"] == 2 and len(summary["loss_curve"]) == 2
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert len(summary["errors"]) <= 2 and "predictions" not in summary
+    E.record(tmp_path / "r.json", "tiny", summary)
+    assert E.load(tmp_path / "r.json")["tiny"]["accuracy_after"] == summary["accuracy_after"]
