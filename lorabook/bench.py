@@ -62,6 +62,7 @@ def _load_all() -> dict[str, Callable[..., list[dict]]]:
     import lorabook.bench as registry
     from . import memory  # noqa: F401  (registers "memory")
     from . import lora_bench  # noqa: F401
+    from . import nf4_bench  # noqa: F401  (registers "nf4")
     return registry.BENCHMARKS
 
 

@@ -39,26 +39,38 @@ def _conv1d_class():
     return getattr(mod, "Conv1D", None)
 
 
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A ``lorabook.linear_nf4.LinearNF4``: a frozen 4-bit base that LoRA can wrap but not merge into.
+
+    Looked up lazily, like Conv1D: a model can only hold one once ``lorabook.linear_nf4`` is imported."""
+    cls = getattr(sys.modules.get("lorabook.linear_nf4"), "LinearNF4", None)
+    return cls is not None and isinstance(module, cls)
+
+
 def is_linear(module: nn.Module) -> bool:
-    """An nn.Linear, or GPT-2's Conv1D (a linear layer whose weight is stored (in, out))."""
+    """An nn.Linear, GPT-2's Conv1D (a linear layer whose weight is stored (in, out)), or a 4-bit LinearNF4."""
     conv1d = _conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+            or is_quantized_linear(module))
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) plus named low-rank adapters.
+    """A frozen linear layer (``nn.Linear``, GPT-2's ``Conv1D`` or a 4-bit ``LinearNF4``) plus named low-rank
+    adapters.
 
     The active adapter's ``(α/r) · B A x`` is added to the base output, unless that adapter is merged into
-    the base weight (``merged``), in which case the base alone already computes it."""
+    the base weight (``merged``), in which case the base alone already computes it. On a 4-bit base (QLoRA)
+    A and B are fp32 and merging is refused: W0 + ΔW has no exact 4-bit form."""
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False, adapter_name: str = "default"):
         super().__init__()
         if not is_linear(base):
-            raise ValueError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+            raise ValueError(f"base must be an nn.Linear, a transformers Conv1D or a lorabook LinearNF4, "
+                             f"got {type(base).__name__}")
         self.base = base
         self.base.requires_grad_(False)
-        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D: weight (in, out)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear) and not is_quantized_linear(base)  # Conv1D: (in, out)
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
         self.r: dict[str, int] = {}
@@ -72,13 +84,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        w = self.base.weight
-        return w.shape[0] if self.fan_in_fan_out else w.shape[1]
+        return _in_out(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        w = self.base.weight
-        return w.shape[1] if self.fan_in_fan_out else w.shape[0]
+        return _in_out(self.base)[1]
 
     @property
     def adapters(self) -> list[str]:
@@ -93,11 +103,14 @@ class LoRALinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter_name {name!r} already exists; existing adapters: {self.adapters}")
         check_adapter_name(name)
-        w = self.base.weight
-        A = torch.empty(r, self.in_features, device=w.device, dtype=w.dtype)
+        if is_quantized_linear(self.base):  # a 4-bit base: train fp32 adapters (as peft does for QLoRA)
+            device, dtype = self.base.weight_packed.device, torch.float32
+        else:
+            device, dtype = self.base.weight.device, self.base.weight.dtype
+        A = torch.empty(r, self.in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # the same init nn.Linear (and peft) use for A
         self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, alpha, float(dropout)
         self.use_rslora[name] = bool(use_rslora)
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -141,6 +154,7 @@ class LoRALinear(nn.Module):
     def merge(self, name: str | None = None) -> None:
         """W ← W + ΔW (in place); from now on the forward is the base layer alone."""
         name = self._name(name)
+        _check_mergeable(self.base)
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is already merged; unmerge first (merging twice "
                              "would add ΔW twice)")
@@ -176,6 +190,13 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, ranks={self.r}, "
                 f"active={self.active_adapter!r}, merged={self.merged!r}")
+
+
+def _check_mergeable(base: nn.Module) -> None:
+    if is_quantized_linear(base):
+        raise ValueError("cannot merge a LoRA adapter into a 4-bit LinearNF4 base: W0 + ΔW has no exact NF4 form "
+                         "and re-quantizing it would lose most of ΔW; keep the adapter unmerged (QLoRA serves it "
+                         "that way) or replace the base by a dequantized nn.Linear first")
 
 
 def check_adapter_name(name) -> str:
@@ -275,6 +296,9 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
 
 
 def _in_out(linear: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D (weight (in, out)) or a LinearNF4."""
+    if is_quantized_linear(linear):
+        return linear.in_features, linear.out_features
     w = linear.weight
     return (w.shape[1], w.shape[0]) if isinstance(linear, nn.Linear) else (w.shape[0], w.shape[1])
 
@@ -379,6 +403,9 @@ def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     if name is None:
         raise ValueError(f"no adapter is active; pass adapter_name (one of {adapter_names(model)})")
     set_adapter(model, _check_name(model, name))
+    for m in layers.values():  # check every layer before changing any
+        if name in m.lora_A:
+            _check_mergeable(m.base)
     for m in layers.values():
         if name in m.lora_A:
             m.merge(name)

@@ -1,0 +1,136 @@
+"""LinearNF4: a linear layer whose frozen weight is stored in 4-bit NF4 (QLoRA, Dettmers et al. 2023, eq. 5,
+https://arxiv.org/abs/2305.14314).
+
+QLoRA's layer computes
+
+    Y = X · doubleDequant(c1, c2, W_NF4) + X L1 L2        X (..., in), W (out, in), Y (..., out)
+
+This module is the first term: the weight lives as ``lorabook.nf4.QuantizedTensor`` (0.5 bytes per weight plus
+≈ 0.127 bits of double-quantized constants) and every forward dequantizes it to ``compute_dtype`` and runs one
+``F.linear``. The backward dequantizes again instead of keeping the full-precision weight from the forward, which
+would cost the memory that 4-bit storage saves. The weight and the bias are frozen; the trainable low-rank term
+``X L1 L2`` is a ``lorabook.lora.LoRALinear`` wrapped around this layer (it cannot be merged into 4-bit codes).
+
+``quantize_model`` swaps every ``nn.Linear`` of a model except the output head for a ``LinearNF4``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .double_quant import DoubleQuantState
+from .lora import _output_head_name, _set_child
+from .nf4 import FLOAT_DTYPES, QuantizedTensor, dequantize_4bit, quantize_4bit
+
+_FP32_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_absmax_offset")
+
+
+class _DequantizeLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized on the fly; the backward dequantizes W again (nothing (out, in) is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, q: QuantizedTensor, bias, dtype: torch.dtype):  # x (..., in) -> (..., out)
+        ctx.q, ctx.dtype = q, dtype
+        return F.linear(x, dequantize_4bit(q, dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (..., out) -> grad_x (..., in); W and b are frozen
+        grad_x = grad_out @ dequantize_4bit(ctx.q, ctx.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+class LinearNF4(nn.Module):
+    """A frozen 4-bit linear layer: ``F.linear(x, dequantize(W), bias)`` computed in ``compute_dtype``."""
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not isinstance(weight, QuantizedTensor):
+            raise TypeError(f"weight must be a lorabook.nf4.QuantizedTensor, got {type(weight).__name__}")
+        weight.validate()
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
+        if compute_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
+            raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        self.compute_dtype = compute_dtype
+        self.weight_dtype, self.blocksize, self.codebook = weight.dtype, weight.blocksize, weight.codebook
+        self.register_buffer("weight_packed", weight.packed)  # (out · in / 2,) uint8
+        double = weight.double
+        self.register_buffer("weight_absmax", weight.absmax)  # (n_blocks,) fp32, or None with double quant
+        self.register_buffer("weight_absmax_codes", None if double is None else double.codes)  # (n_blocks,) uint8
+        self.register_buffer("weight_absmax2", None if double is None else double.absmax2)  # (n_blocks / 256,)
+        self.register_buffer("weight_absmax_offset", None if double is None else double.offset)  # ()
+        self.blocksize2 = None if double is None else double.blocksize2
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, codebook: str = "nf4") -> "LinearNF4":
+        """Quantize an ``nn.Linear``'s weight (compute dtype: the weight's own unless given)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        q = quantize_4bit(linear.weight.detach(), blocksize=blocksize, codebook=codebook, double_quant=double_quant)
+        return cls(q, linear.bias, compute_dtype=compute_dtype)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The stored weight as a ``QuantizedTensor`` (the buffers themselves, no copy)."""
+        double = None
+        if self.weight_absmax_codes is not None:
+            double = DoubleQuantState(codes=self.weight_absmax_codes, absmax2=self.weight_absmax2,
+                                      offset=self.weight_absmax_offset, blocksize2=self.blocksize2)
+        return QuantizedTensor(packed=self.weight_packed, absmax=self.weight_absmax,
+                               shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
+                               blocksize=self.blocksize, codebook=self.codebook, double=double)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (out, in) in ``compute_dtype``."""
+        return dequantize_4bit(self.quantized, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out), in x's dtype
+        # W is rounded from fp32 to compute_dtype once (bitsandbytes goes through the weight's own dtype first;
+        # the two agree whenever compute_dtype is that dtype or the weight was fp32)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = _DequantizeLinear.apply(x.to(self.compute_dtype), self.quantized, bias, self.compute_dtype)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) casts every floating-point buffer; the fp32 block constants must only follow the device.
+        kept = {name: getattr(self, name) for name in _FP32_BUFFERS if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            setattr(self, name, value.to(getattr(self, name).device))
+        return self
+
+    def extra_repr(self) -> str:
+        double = "" if self.weight_absmax_codes is None else ", double_quant"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.codebook}, blocksize={self.blocksize}{double}, compute_dtype={self.compute_dtype}")
+
+
+def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None, codebook: str = "nf4",
+                   skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every ``nn.Linear`` except the output head (and names in ``skip``) by a ``LinearNF4``, in place.
+
+    The output head stays full precision (it is often tied to the input embedding, as in SmolLM2). Other
+    parameters (embeddings, norms) are left as they are. Returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+        raise ValueError(f"skip must be a tuple of module names, got {skip!r}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("model is a single nn.Linear; use LinearNF4.from_linear(model)")
+    head = _output_head_name(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head and n not in skip]
+    for name in names:
+        linear = model.get_submodule(name)
+        _set_child(model, name, LinearNF4.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
+                                                      compute_dtype=compute_dtype, codebook=codebook))
+    return model

@@ -1,0 +1,382 @@
+"""4-bit NormalFloat (NF4) and blockwise absmax quantization (QLoRA, Dettmers et al. 2023, sec. 3,
+https://arxiv.org/abs/2305.14314), bit-exact with bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit``.
+
+The seed's int8 absmax quantization scales a tensor so its largest magnitude lands on 127:
+
+    X_int8 = round(127 / absmax(X) · X)                        dequantize: X ≈ X_int8 · absmax / 127
+
+Blockwise 4-bit quantization does this per block of ``blocksize`` consecutive weights (read flat, row-major), with
+16 levels ``code[0..15]`` in [-1, 1] instead of integers, and rounds every scaled weight to its nearest level:
+
+    w (out, in) -> blocks (n_blocks, blocksize) -> absmax (n_blocks,) fp32
+    codes = nearest(w / absmax) (numel,) in 0..15   ->   packed (ceil(numel / 2),) uint8, first code in the high nibble
+    dequantize: w ≈ code[codes] · absmax
+
+NF4 chooses the 16 levels for weights that are normally distributed: level i sits at a quantile of N(0, 1), so each
+level is hit equally often; the levels are normalised to [-1, 1] and zero is a level of its own. With an exact zero
+and 16 codes the type is asymmetric: 8 positive levels, 7 negative ones. ``nf4_codebook`` derives them and equals
+bitsandbytes' table to the last bit. FP4 (bitsandbytes' 4-bit float) and plain symmetric INT4 are here to compare.
+
+Bit-exactness with bitsandbytes (CPU, fp32/fp16/bf16 input): the scaling is ``w · (1 / absmax)`` in fp32 (with
+absmax clamped to 1e-38), except in a last, partial block, which is divided by its absmax -- and whose stored absmax
+is the clamped one; a tie between two levels goes to the lower one; an odd count is padded with the code of 0.0.
+Dequantization computes ``code · absmax`` in fp32 and rounds to the output dtype once.
+Double quantization of the absmax lives in ``lorabook.double_quant``; ``LinearNF4`` in ``lorabook.linear_nf4``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+CODEBOOKS = ("nf4", "fp4", "int4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NF4_OFFSET = 0.9677083  # the outermost quantile used for ±1 (bitsandbytes' choice)
+
+
+# ---- the codebooks: 16 values in code order, normalised to [-1, 1] ------------------------------------------
+
+def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """NF4's 16 levels (sorted, code i -> value i): quantiles of N(0, 1), normalised to [-1, 1].
+
+    8 positive levels at the quantiles of 8 equal steps from ``offset`` down to 1/2 (excluded), 7 negative levels
+    at 7 such steps, and 0. Probabilities in fp32, the inverse normal CDF in fp64, rounded to fp32 and divided by
+    the largest level, as ``bitsandbytes.functional.create_normal_map`` does."""
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
+    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values  # (16,)
+    return levels / levels.max()
+
+
+def fp4_codebook() -> torch.Tensor:
+    """bitsandbytes' FP4 in code order: bit 3 the sign, bits 2-1 an exponent field e, bit 0 a mantissa bit m.
+
+    e = 0 is subnormal, m · 2^-4; otherwise (1 + m/2) · 2^(4 - e) -- in bitsandbytes' layout the exponent field
+    counts *down*. The largest value, 12, is scaled to 1. Code 8 (sign bit, zero) is +0.0 as in bitsandbytes'
+    table (its C kernel decodes it as -0.0, which compares equal)."""
+    values = []
+    for code in range(16):
+        sign, e, m = (-1.0 if code & 8 else 1.0), (code >> 1) & 3, code & 1
+        magnitude = m * 2.0 ** -4 if e == 0 else (1 + m / 2) * 2.0 ** (4 - e)
+        values.append(sign * magnitude if magnitude else 0.0)
+    return torch.tensor(values, dtype=torch.float32) / 12.0
+
+
+def int4_codebook() -> torch.Tensor:
+    """Symmetric absmax INT4, the seed's int8 formula with 7 for 127: levels k / 7 for code k + 8, k = -8 … 7.
+
+    After absmax scaling to [-1, 1] the nearest level is round(7 x): -8/7 is never used, like -128 in int8."""
+    return torch.arange(-8, 8, dtype=torch.float32) / 7.0
+
+
+@lru_cache(maxsize=None)
+def _codebook(name: str) -> torch.Tensor:
+    return {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}[name]()
+
+
+def codebook(name: str = "nf4") -> torch.Tensor:
+    """The 16 levels of ``name`` ("nf4", "fp4" or "int4") in code order, fp32 (a copy)."""
+    return _codebook(check_codebook(name)).clone()
+
+
+def check_codebook(name) -> str:
+    if name not in CODEBOOKS:
+        raise ValueError(f"codebook must be one of {CODEBOOKS}, got {name!r}")
+    return name
+
+
+def check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, one of {BLOCKSIZES}; got {blocksize!r}")
+    return blocksize
+
+
+# ---- the seed's int8 absmax formula -------------------------------------------------------------------------
+
+def quantize_int8_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X_int8 = round(127 / absmax · X) for a whole tensor; returns (int8 codes shaped like x, fp32 absmax ())."""
+    x = _check_weight(x, "x")
+    absmax = x.abs().amax().float()  # ()
+    _check_finite(absmax, x, "x")
+    if absmax == 0:
+        return torch.zeros(x.shape, dtype=torch.int8, device=x.device), absmax
+    # x / absmax first: 127 / absmax overflows to inf for a subnormal absmax; x / absmax is always in [-1, 1]
+    return torch.round(x.float() / absmax * 127.0).to(torch.int8), absmax
+
+
+def dequantize_int8_absmax(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """X ≈ X_int8 · absmax / 127."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"q must be an int8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    return (q.float() * (absmax / 127.0)).to(dtype)
+
+
+# ---- nearest level and packing ------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _nearest_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tables over the top 16 bits of a float32 that give the index of its nearest level (ties go lower).
+
+    The 2^16 values sharing the top 16 bits form an interval of the reals that contains at most one midpoint
+    between two levels. So  sorted_index(x) = below[cell] + (x > midpoint[cell])  (+inf when the cell has none),
+    which equals ``torch.bucketize(x, midpoints)``, the rule bitsandbytes uses, for every finite float.
+    Returns (below (65536,) uint8, midpoint (65536,) fp32, order: sorted position -> code, or None if sorted)."""
+    levels = _codebook(name)
+    order = torch.argsort(levels)  # the call bitsandbytes makes; FP4's code order is not sorted
+    ordered = levels[order]
+    midpoints = (ordered[:-1] + ordered[1:]) / 2  # (15,) fp32
+    top = torch.arange(2 ** 16, dtype=torch.int32) << 16  # each cell's bit pattern with the low 16 bits 0 …
+    first, last = top.view(torch.float32), (top | 0xFFFF).view(torch.float32)  # … and all 1
+    last = torch.where(torch.isnan(last), first, last)  # ±inf share a cell with NaN payloads: keep ±inf's answer
+    a, b = torch.bucketize(first, midpoints), torch.bucketize(last, midpoints)
+    below, above = torch.minimum(a, b), torch.maximum(a, b)
+    if (above - below).max() > 1:
+        raise AssertionError(f"two {name} midpoints share a 16-bit cell")  # cannot happen for these codebooks
+    midpoint = torch.where(above > below, midpoints[below.clamp(max=14)], torch.tensor(float("inf")))
+    identity = torch.equal(order, torch.arange(16))
+    return below.to(torch.uint8), midpoint, None if identity else order.to(torch.uint8)
+
+
+def nearest_code(scaled: torch.Tensor, name: str = "nf4") -> torch.Tensor:
+    """The code of the nearest level for every value of a flat fp32 tensor (already divided by its absmax).
+
+    (n,) fp32 -> (n,) uint8. Two table lookups and a comparison per value instead of a binary search."""
+    if not isinstance(scaled, torch.Tensor) or scaled.dtype != torch.float32:
+        raise TypeError(f"scaled must be a float32 tensor, got {getattr(scaled, 'dtype', type(scaled).__name__)}")
+    below, midpoint, order = (None if t is None else t.to(scaled.device)
+                              for t in _nearest_tables(check_codebook(name)))
+    cell = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)  # (n,) top 16 bits, 0 … 65535
+    codes = torch.index_select(below, 0, cell)
+    codes += scaled > torch.index_select(midpoint, 0, cell)
+    return codes if order is None else torch.index_select(order, 0, codes.int())
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) codes 0..15 -> (ceil(n / 2),) uint8: code 2i in the high nibble of byte i, code 2i+1 in the low one.
+
+    An odd n is padded with code 0 (``quantize_4bit`` pads the values with 0.0 before coding instead)."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    return torch.add(codes[1::2], codes[0::2], alpha=16)  # high · 16 + low
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of ``pack_4bit``: (ceil(n / 2),) uint8 -> (n,) uint8 codes."""
+    return torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1).view(-1)[:n]
+
+
+@lru_cache(maxsize=None)
+def _pair_table(name: str) -> torch.Tensor:
+    """(256,) float64 views of level pairs: entry b holds (level[b >> 4], level[b & 15]), the two fp32 values
+    byte b decodes to. One 8-byte element per byte, so one ``index_select`` decodes a whole byte (2 KB: in L1)."""
+    levels = _codebook(name)
+    byte = torch.arange(256)
+    return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1).contiguous().view(torch.float64).view(-1)
+
+
+def _decode(packed: torch.Tensor, name: str, out: torch.Tensor, index: torch.Tensor) -> None:
+    """Write the levels of (nbytes,) packed codes into ``out`` (2 · nbytes,) fp32, high nibble first.
+
+    index: an int32 scratch buffer of at least nbytes entries (index_select wants int32 or int64 indices)."""
+    index = index[:packed.numel()]
+    index.copy_(packed)  # (nbytes,) uint8 -> int32
+    torch.index_select(_pair_table(name).to(packed.device), 0, index, out=out.view(torch.float64))
+
+
+DECODE_CHUNK = 2 ** 18  # values per step: a multiple of every blocksize; their fp32 values (1 MB) stay in cache
+
+
+# ---- the quantized tensor -----------------------------------------------------------------------------------
+
+@dataclass
+class QuantizedTensor:
+    """A blockwise 4-bit tensor: packed codes, one absmax per block (or their double quantization), and what it
+    takes to rebuild the original: ``shape``, ``dtype``, ``blocksize``, the ``codebook`` name."""
+
+    packed: torch.Tensor  # (ceil(numel / 2),) uint8
+    absmax: torch.Tensor | None  # (n_blocks,) fp32; None when double-quantized
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    codebook: str = "nf4"
+    double: DoubleQuantState | None = None  # the absmax quantized again (lorabook.double_quant)
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+        self.validate()
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: packed codes plus the block constants."""
+        constants = self.double.nbytes if self.double is not None else self.absmax.numel() * 4
+        return self.packed.numel() + constants
+
+    def block_absmax(self) -> torch.Tensor:
+        """(n_blocks,) fp32: the stored absmax, or its double-quantized form dequantized."""
+        return self.absmax if self.double is None else double_dequantize(self.double)
+
+    def validate(self) -> None:
+        """Raise ValueError if the parts do not describe one tensor (e.g. a state from another weight)."""
+        check_blocksize(self.blocksize)
+        check_codebook(self.codebook)
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        if self.numel == 0:
+            raise ValueError(f"shape {tuple(self.shape)} is empty")
+        if not isinstance(self.packed, torch.Tensor) or self.packed.dtype != torch.uint8:
+            raise ValueError(f"packed must be a uint8 tensor, got {getattr(self.packed, 'dtype', self.packed)}")
+        if self.packed.numel() != (self.numel + 1) // 2:
+            raise ValueError(f"packed holds {self.packed.numel()} bytes, but shape {tuple(self.shape)} needs "
+                             f"{(self.numel + 1) // 2} (two codes per byte)")
+        if (self.absmax is None) == (self.double is None):
+            raise ValueError("give exactly one of absmax (fp32 per block) and double (its double quantization)")
+        if self.double is not None:
+            self.double.validate(self.n_blocks)
+        elif self.absmax.dtype != torch.float32 or self.absmax.shape != (self.n_blocks,):
+            raise ValueError(f"absmax must be float32 of shape ({self.n_blocks},) for {self.numel} values in "
+                             f"blocks of {self.blocksize}, got {self.absmax.dtype} {tuple(self.absmax.shape)}")
+
+
+def _check_weight(w, arg: str = "w") -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{arg} must be float32, float16 or bfloat16, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"{arg} is empty (shape {tuple(w.shape)}): there is nothing to quantize")
+    return w
+
+
+def _check_finite(absmax: torch.Tensor, w: torch.Tensor, arg: str = "w") -> None:
+    if not torch.isfinite(absmax).all():  # NaN and Inf both reach the absmax of their block
+        bad = (~torch.isfinite(w.reshape(-1))).nonzero()[0].item()
+        raise ValueError(f"{arg} contains NaN or Inf (first at flat index {bad}); 4-bit codes cannot represent it")
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int = 64, codebook: str = "nf4",
+                  double_quant: bool = False) -> QuantizedTensor:
+    """Blockwise absmax 4-bit quantization of ``w`` (any shape; fp32, fp16 or bf16), read flat in blocks.
+
+    Bit-exact with ``bitsandbytes.functional.quantize_4bit(w, blocksize=..., quant_type=codebook,
+    compress_statistics=double_quant)`` for "nf4" and "fp4"."""
+    w = _check_weight(w)
+    check_blocksize(blocksize)
+    check_codebook(codebook)
+    flat = w.reshape(-1)  # (n,)
+    n = flat.numel()
+    n_full = n // blocksize  # complete blocks
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)  # (n_blocks,)
+    scaled = torch.empty(n + n % 2, dtype=torch.float32, device=w.device)  # (n rounded up to even,) w / absmax
+    if n_full:
+        blocks = flat[:n_full * blocksize].view(n_full, blocksize)
+        absmax[:n_full] = blocks.abs().amax(dim=1)
+        _check_finite(absmax[:n_full], w)
+        scale = 1.0 / absmax[:n_full].clamp(min=1e-38)  # (n_full,) an all-zero block gets codes of 0.0
+        torch.mul(blocks, scale[:, None], out=scaled[:n_full * blocksize].view(n_full, blocksize))
+    if n % blocksize:  # the last, partial block: divided, and stored with its clamped absmax
+        tail = flat[n_full * blocksize:].float()
+        absmax[-1] = tail.abs().amax().clamp(min=1e-38)
+        _check_finite(absmax[-1:], w)
+        torch.div(tail, absmax[-1], out=scaled[n_full * blocksize:n])
+    if n % 2:
+        scaled[-1] = 0.0  # pad to whole bytes with the code of 0.0
+    packed = pack_4bit(nearest_code(scaled, codebook))  # (ceil(n / 2),)
+    double = double_quantize(absmax) if double_quant else None
+    return QuantizedTensor(packed=packed, absmax=None if double_quant else absmax, shape=w.shape, dtype=w.dtype,
+                           blocksize=blocksize, codebook=codebook, double=double)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> QuantizedTensor:
+    """``quantize_4bit`` with the NF4 codebook."""
+    return quantize_4bit(w, blocksize=blocksize, codebook="nf4", double_quant=double_quant)
+
+
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """level[code] · absmax in fp32, rounded once to ``dtype`` (default: the dtype ``q`` was quantized from).
+
+    Bit-exact with ``bitsandbytes.functional.dequantize_4bit``."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    q.validate()  # its fields may have been changed since it was made
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    absmax, n, bs = q.block_absmax(), q.numel, q.blocksize
+    device = q.packed.device
+    out = torch.empty(n, dtype=dtype, device=device)  # (n,)
+    chunk = min(n + n % 2, DECODE_CHUNK)
+    index = torch.empty(chunk // 2, dtype=torch.int32, device=device)  # scratch for _decode
+    buffer = torch.empty(chunk, device=device) if dtype != torch.float32 or n % 2 else None
+    for start in range(0, n, DECODE_CHUNK):  # chunk by chunk: the fp32 values are scaled while still in cache
+        stop = min(start + DECODE_CHUNK, n)
+        m = stop - start
+        # decode straight into an fp32 output; into the fp32 buffer for another dtype or an odd count
+        values = out[start:stop] if buffer is None else buffer[:m + m % 2]
+        _decode(q.packed[start // 2:(stop + 1) // 2], q.codebook, values, index)
+        values = values[:m]  # an odd count has one padding value more
+        first, full = start // bs, m // bs  # this chunk's first block, its complete blocks
+        values[:full * bs].view(full, bs).mul_(absmax[first:first + full, None])
+        if m % bs:
+            values[full * bs:].mul_(absmax[-1])  # the last, partial block
+        if buffer is not None:
+            out[start:stop] = values  # rounds fp32 to dtype once
+    return out.view(q.shape)
+
+
+dequantize_nf4 = dequantize_4bit
+
+
+def __getattr__(name: str):
+    """``lorabook.nf4.LinearNF4`` and ``quantize_model`` (they live in ``lorabook.linear_nf4``, imported on use)."""
+    if name in ("LinearNF4", "quantize_model"):
+        from . import linear_nf4
+        return getattr(linear_nf4, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- bitsandbytes' packed data + QuantState, both ways ------------------------------------------------------
+
+def to_bnb(q: QuantizedTensor):
+    """``(packed (ceil(n/2), 1) uint8, bitsandbytes QuantState)`` for ``dequantize_4bit`` or ``Params4bit``."""
+    from bitsandbytes.functional import QuantState
+
+    q.validate()
+    if q.codebook not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes has no 4-bit {q.codebook!r} type; only 'nf4' and 'fp4' convert")
+    common = dict(shape=q.shape, code=codebook(q.codebook), blocksize=q.blocksize, quant_type=q.codebook,
+                  dtype=q.dtype)
+    if q.double is None:
+        return q.packed.view(-1, 1), QuantState(absmax=q.absmax, **common)
+    state2 = QuantState(absmax=q.double.absmax2, code=dynamic_map(), blocksize=q.double.blocksize2,
+                        dtype=torch.float32)
+    return q.packed.view(-1, 1), QuantState(absmax=q.double.codes, offset=q.double.offset, state2=state2, **common)
+
+
+def from_bnb(packed: torch.Tensor, state) -> QuantizedTensor:
+    """A ``QuantizedTensor`` holding the same bytes as bitsandbytes' ``(packed, QuantState)``."""
+    if state.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"state.quant_type must be 'nf4' or 'fp4', got {state.quant_type!r}")
+    if state.code is not None and not torch.equal(state.code.cpu(), _codebook(state.quant_type)):
+        raise ValueError(f"state.code is not bitsandbytes' {state.quant_type} table")
+    double = None
+    if state.nested:
+        if not torch.equal(state.state2.code.cpu(), dynamic_map()):
+            raise ValueError("state.state2.code is not the dynamic map; only that one decodes here")
+        double = DoubleQuantState(codes=state.absmax, absmax2=state.state2.absmax, offset=state.offset,
+                                  blocksize2=state.state2.blocksize)
+    return QuantizedTensor(packed=packed.reshape(-1).view(torch.uint8), absmax=None if state.nested else state.absmax,
+                           shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                           codebook=state.quant_type, double=double)
