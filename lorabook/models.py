@@ -140,6 +140,21 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
     return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, max_len: int = 1024) -> float:
+    """exp(mean next-token cross-entropy) of ``model`` on ``text``: its first ``max_len`` tokens, one window.
+
+    Lower is better; 1 is a model that is sure of every next token, vocab_size one that guesses uniformly."""
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_len]  # (1, T)
+    if ids.shape[1] < 2:
+        raise ValueError(f"text must have at least 2 tokens to predict one, got {ids.shape[1]}")
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device)).logits[0, :-1].float()  # (T-1, V): position t predicts token t+1
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(device)).exp().item()
+
+
 def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                d_ff: int = 128, vocab_size: int = 256, max_seq_len: int = 256, tie_embeddings: bool = True,
                dtype: torch.dtype = torch.float32):

@@ -72,3 +72,19 @@ def test_second_load_comes_from_the_cache_and_is_identical(smollm2, monkeypatch)
     again, _ = models.load_base_model()
     for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def test_perplexity_is_exp_of_the_models_own_loss():
+    from lorabook.data import byte_tokenizer
+    from lorabook.models import perplexity, tiny_llama
+    tok, model = byte_tokenizer(), tiny_llama(seed=0, vocab_size=len(byte_tokenizer()))
+    text = "The light turns every night."
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
+    assert perplexity(model, tok, text) == pytest.approx(loss.exp().item(), rel=1e-5)
+    assert 1 < perplexity(model, tok, text, max_len=8) < len(tok) * 4  # near-uniform guesses for a random model
+    with pytest.raises(ValueError, match="max_len must be an int >= 2"):
+        perplexity(model, tok, text, max_len=1)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        perplexity(model, tok, "a")
