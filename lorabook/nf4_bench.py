@@ -10,8 +10,9 @@ For a 4096×4096 weight (``--quick``: 512×512), blocksize 64, in fp32 and in bf
                  of this machine's memcpy bandwidth (a ``clone`` of the dequantized weight: read + write)
 
 Every comparison row says whether the two results are bit-for-bit the same (``exact``). The variants run in
-interleaved rounds (``lorabook.lora_bench.interleaved``) on one CPU thread; ``paired_ratio`` is the median of the
-within-round ratios, the steadier number on a busy machine.
+interleaved rounds (``lorabook.lora_bench.interleaved``) on one CPU thread -- bitsandbytes too: its C kernels use
+OpenMP through the system's libgomp, which ``torch.set_num_threads`` does not reach, so ``_bnb_threads`` sets it;
+``paired_ratio`` is the median of the within-round ratios, the steadier number on a busy machine.
 
 What bitsandbytes' CPU path does: quantize_4bit is plain PyTorch (bucketize against the level midpoints);
 dequantize_4bit is one C loop over the bytes (OpenMP), ``level · absmax`` straight into the output. Ours is plain
@@ -20,7 +21,9 @@ one multiply per block, chunk by chunk while the values are in cache -- two pass
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -54,9 +57,25 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
 
 
+@contextmanager
+def _bnb_threads():
+    """Run bitsandbytes' OpenMP loops on as many threads as torch uses (libgomp: its own thread count)."""
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")  # the soname libbitsandbytes_cpu links; torch bundles its own copy
+    except OSError:  # another OpenMP runtime (macOS, Windows): leave it alone
+        yield
+        return
+    before = gomp.omp_get_max_threads()
+    gomp.omp_set_num_threads(torch.get_num_threads())
+    try:
+        yield
+    finally:
+        gomp.omp_set_num_threads(before)
+
+
 @register("nf4")
 def nf4_bench(quick: bool = False) -> list[dict]:
-    with _threads():
+    with _threads(), _bnb_threads():
         return _nf4_bench(quick)
 
 
