@@ -42,14 +42,12 @@ past_key_values route of Li & Liang's code and of PEFT puts them at P..P+T-1 unl
 given), and the KV cache never holds the prefix, so ``generate`` works as is. Random prefixes change the
 output from the start; that is expected (Li & Liang found initialising them from real words' activations helps).
 
-Full fine-tuning trains everything; LoRA is ``lorabook.lora.add_lora``. ``latency_table`` re-measures Table 1.
+Full fine-tuning trains everything; LoRA is ``lorabook.lora.add_lora``. Table 1 (latency) is ``lorabook.latency``.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
-import statistics
 import sys
 
 import torch
@@ -59,7 +57,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import AttentionInterface
 
 from lorabook import lora
-from lorabook.timing import Timing, benchmark
 
 _FAMILIES = {"llama": ("model", "layers", "self_attn"), "gpt2": ("transformer", "h", "attn")}  # body, layers, attn
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -327,127 +324,3 @@ def prepare(model, method: str, **kwargs):
     if method == "lora" and family == "gpt2":
         kwargs.setdefault("target_modules", ["c_attn"])  # fused q,k,v: r·(d + 3d) per layer, as q and v at rank r
     return fn(model, **kwargs)
-
-
-# ---- the seed's Table 1: inference latency on GPT-2 medium --------------------------------------------------------
-
-PAPER_SHAPES = ((32, 512), (16, 256), (1, 128))  # (batch, seq) of Table 1's columns
-PAPER_BUDGETS = (0.5e6, 11e6, 11e6)  # its |Θ| row: trainable parameters of the adapter / LoRA in each column
-CPU_SHAPES = ((4, 64), (2, 32), (1, 16))  # batch and sequence both / 8: seconds, not minutes, on a CPU
-LATENCY_METHODS = ("base", "lora_merged", "lora", "adapter_l", "adapter_h")
-
-
-def gpt2_config(config="gpt2-medium"):
-    """A GPT2Config: "gpt2-medium" (L 24, d 1024, 16 heads, 355M), "gpt2" (L 12, d 768), or one passed in."""
-    from transformers import GPT2Config
-
-    sizes = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12), "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16)}
-    if isinstance(config, GPT2Config):
-        return config
-    if config not in sizes:
-        raise ValueError(f"config must be one of {sorted(sizes)} or a GPT2Config, got {config!r}")
-    return GPT2Config(**sizes[config])
-
-
-def size_for_budget(method: str, config, budget: float) -> int:
-    """The bottleneck m (adapters) or rank r (LoRA on c_attn) whose |Θ| on a GPT-2 config is nearest ``budget``.
-
-    adapter_h: 2L(2dm + d + m) · adapter_l: L(2dm + m + 3d) · lora: L·r·(d + 3d) = 4Ldr (= q and v at rank r).
-    GPT-2 medium: 0.5M → m 5 / m 9 / r 5 (541k / 516k / 492k); 11M → m 111 / m 222 / r 112 (11.0M each).
-    """
-    if not budget > 0:
-        raise ValueError(f"budget must be > 0, got {budget!r}")
-    L, d = config.num_hidden_layers, config.hidden_size
-    per = {"adapter_h": ((budget / (2 * L) - d) / (2 * d + 1)), "adapter_l": (budget / L - 3 * d) / (2 * d + 1),
-           "lora": budget / (4 * L * d), "lora_merged": budget / (4 * L * d)}
-    if method not in per:
-        raise ValueError(f"method must be one of {sorted(per)}, got {method!r}")
-    size = max(1, round(per[method]))
-    return min(size, d) if method.startswith("lora") else size
-
-
-def _shared_copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and buffers are the original's tensors (no extra 1.4 GB per method)."""
-    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
-
-
-def _merge(model: nn.Module) -> nn.Module:
-    """Merged LoRA (W ← W0 + ΔW, plain layers again); each wrapped layer first gets its own copy of W0,
-    because merging adds in place and W0 is shared with the base and the other variants."""
-    for layer in lora.lora_layers(model).values():
-        layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
-    return lora.merge_and_unload(model)
-
-
-def _variant(base: nn.Module, method: str, size: int) -> tuple[nn.Module, int]:
-    """(the model to time, its |Θ|) -- LoRA's |Θ| is counted before merging folds it into W."""
-    if method == "base":
-        return base, 0
-    model = _shared_copy(base)
-    if method in ("lora", "lora_merged"):
-        prepare(model, "lora", r=size, alpha=2 * size)
-    else:
-        prepare(model, method, bottleneck=size)
-    trainable = lora.count_trainable(model)[0]
-    return (_merge(model) if method == "lora_merged" else model), trainable
-
-
-def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, methods=LATENCY_METHODS,
-                  warmup: int = 1, repeat: int = 1, rounds: int = 5, device=None, seed: int = 0) -> list[dict]:
-    """Table 1 again: one forward pass (eval, no_grad, seeded random weights) per method and (batch, seq).
-
-    shapes: None = the paper's on CUDA, CPU_SHAPES on a CPU. budgets: |Θ| per shape (sizes from size_for_budget).
-    Each round times every method in turn, ``repeat`` calls each, starting one method later than the round
-    before (so a busy machine slows them alike); the median is over all rounds' calls. On a shared CPU many
-    short rounds beat a few long ones.
-    Rows: method, batch, seq, size (m or r), trainable (|Θ|), ms (median), iqr_ms, overhead_pct (vs base).
-    """
-    from transformers import GPT2LMHeadModel
-
-    cfg = gpt2_config(config)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes = tuple(shapes) if shapes is not None else (PAPER_SHAPES if dev.type == "cuda" else CPU_SHAPES)
-    for b, s in shapes:
-        _positive_int("batch", b), _positive_int("seq", s)
-        if s > cfg.n_positions:
-            raise ValueError(f"seq {s} exceeds the config's n_positions {cfg.n_positions}")
-    if len(budgets) != len(shapes):
-        raise ValueError(f"budgets must give one |Θ| per shape: {len(budgets)} budgets for {len(shapes)} shapes")
-    methods = tuple(methods)
-    bad = [m for m in methods if m not in LATENCY_METHODS]
-    if bad or "base" not in methods:
-        raise ValueError(f"methods must include 'base' and come from {LATENCY_METHODS}, got {methods}")
-    for name, value in (("repeat", repeat), ("rounds", rounds)):
-        _positive_int(name, value)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = GPT2LMHeadModel(cfg).eval().to(dev)
-        inputs = [torch.randint(0, cfg.vocab_size, shape, device=dev) for shape in shapes]
-    rows = []
-    for (b, s), budget, x in zip(shapes, budgets, inputs):
-        sizes = {m: 0 if m == "base" else size_for_budget(m, cfg, budget) for m in methods}
-        variants = {m: _variant(base, m, sizes[m]) for m in methods}
-        models = {m: model.eval() for m, (model, _) in variants.items()}
-        times = {m: [] for m in methods}
-        with torch.no_grad():
-            for r in range(rounds):
-                for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # rotate: no method always first
-                    t = benchmark(lambda: models[m](x, use_cache=False), warmup=warmup if r == 0 else 0,
-                                  repeat=repeat, device=dev)
-                    times[m] += t.times
-        base_ms = statistics.median(times["base"]) * 1e3
-        for m in methods:
-            t = Timing(times=times[m], device=str(dev))
-            rows.append(dict(method=m, batch=b, seq=s, size=sizes[m], trainable=variants[m][1], ms=t.median * 1e3,
-                             iqr_ms=t.iqr * 1e3, overhead_pct=100 * (t.median * 1e3 / base_ms - 1)))
-        del models, variants
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """The rows of ``latency_table`` as a fixed-width text table."""
-    lines = [f"{'method':<12}{'batch':>6}{'seq':>6}{'size':>6}{'|Θ|':>12}{'ms':>10}{'±iqr':>8}{'overhead':>10}"]
-    for r in rows:
-        lines.append(f"{r['method']:<12}{r['batch']:>6}{r['seq']:>6}{r['size']:>6}{r['trainable']:>12,}"
-                     f"{r['ms']:>10.2f}{r['iqr_ms']:>8.2f}{r['overhead_pct']:>+9.1f}%")
-    return "\n".join(lines)

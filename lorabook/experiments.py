@@ -7,7 +7,7 @@ Hu et al. 2021 (https://arxiv.org/abs/2106.09685) compare (Tables 5-6: GPT-3 175
              r = 4, all four at r = 2 (all square in GPT-3, so every cell has the same 18M parameters)
     Table 6  the rank r = 1, 2, 4, 8, 64 for W_q; W_q, W_v; and all four
 and Table 1 (the latency of one GPT-2 medium forward: base, LoRA merged/unmerged, Adapter^L, Adapter^H) comes
-from ``lorabook.baselines.latency_table`` with many rounds (``table1``, written to data/lora_table1.json).
+from ``lorabook.latency.latency_table`` with many rounds (``table1``, written to data/lora_table1.json).
 Here every cell is one run of ``python -m lorabook.train`` (the lesson-03 command line: 30 AdamW steps of 8
 examples, exact match on the first 100 test examples), so a cell costs ~4 minutes of one CPU thread:
 
@@ -141,15 +141,15 @@ def table_rows(name: str, runs: dict) -> list[dict]:
 
 
 def latency(rounds: int = 20, threads: int = 1) -> dict:
-    """Table 1 on this machine: ``baselines.latency_table`` (CPU: CPU_SHAPES; CUDA: the paper's shapes) with
+    """Table 1 on this machine: ``lorabook.latency.latency_table`` (CPU: CPU_SHAPES; CUDA: the paper's shapes) with
     ``rounds`` interleaved rounds, on ``threads`` CPU threads (one thread is steadier on a shared machine)."""
     import torch
 
     import lorabook
-    from lorabook import baselines
+    from lorabook.latency import latency_table
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    rows = baselines.latency_table(rounds=rounds)
+    rows = latency_table(rounds=rounds)
     return dict(command=f"python -m lorabook.experiments table1 --rounds {rounds}", device=str(lorabook.device()),
                 threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds,
                 wall_time_s=time.perf_counter() - t0, load_avg_1m=os.getloadavg()[0], rows=rows)
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         if not args.dry_run:
             result = latency(args.rounds)
             _write(LATENCY_OUT, result)
-            from lorabook.baselines import format_table
+            from lorabook.latency import format_table
             print(format_table(result["rows"]))
         if not args.tables:
             return

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from lorabook import baselines as B
+from lorabook import baselines as B, latency
 from lorabook.lora import count_trainable
 from lorabook.models import tiny_llama
 
@@ -336,8 +336,8 @@ def test_prefix_refuses_other_attention_implementations():
 # ---- Table 1 ------------------------------------------------------------------------------------------------------
 
 def test_sizes_for_the_papers_budgets_on_gpt2_medium():
-    cfg = B.gpt2_config("gpt2-medium")
-    sizes = {m: [B.size_for_budget(m, cfg, b) for b in (0.5e6, 11e6)] for m in ("adapter_h", "adapter_l", "lora")}
+    cfg = latency.gpt2_config("gpt2-medium")
+    sizes = {m: [latency.size_for_budget(m, cfg, b) for b in (0.5e6, 11e6)] for m in ("adapter_h", "adapter_l", "lora")}
     assert sizes == {"adapter_h": [5, 111], "adapter_l": [9, 222], "lora": [5, 112]}
     L, d = 24, 1024
     assert 2 * L * (2 * d * 111 + d + 111) == 10_966_224 and L * (2 * d * 9 + 9 + 3 * d) == 516_312
@@ -345,29 +345,29 @@ def test_sizes_for_the_papers_budgets_on_gpt2_medium():
 
 def test_latency_table_rows_on_a_tiny_gpt2():
     cfg = tiny_gpt2().config
-    rows = B.latency_table(cfg, shapes=((2, 8), (1, 4)), budgets=(2_000, 20_000), warmup=0, repeat=1, rounds=1)
+    rows = latency.latency_table(cfg, shapes=((2, 8), (1, 4)), budgets=(2_000, 20_000), warmup=0, repeat=1, rounds=1)
     assert [(r["method"], r["batch"], r["seq"]) for r in rows] == [
-        (m, b, s) for b, s in ((2, 8), (1, 4)) for m in B.LATENCY_METHODS]
+        (m, b, s) for b, s in ((2, 8), (1, 4)) for m in latency.LATENCY_METHODS]
     L, d = 2, 64
     theta = {"base": lambda s: 0, "lora": lambda r: 4 * L * d * r, "lora_merged": lambda r: 4 * L * d * r,
              "adapter_h": lambda m: 2 * L * (2 * d * m + d + m), "adapter_l": lambda m: L * (2 * d * m + m + 3 * d)}
     for r in rows:
         assert r["trainable"] == theta[r["method"]](r["size"]) and r["ms"] > 0
         assert r["overhead_pct"] == 0 if r["method"] == "base" else True
-    assert "adapter_h" in B.format_table(rows)
+    assert "adapter_h" in latency.format_table(rows)
 
 
 def test_merged_lora_variant_equals_unmerged_and_leaves_the_shared_base_alone():
     base = tiny_gpt2()
     weights = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = B.prepare(B._shared_copy(base), "lora", r=4)
+    model = B.prepare(latency._shared_copy(base), "lora", r=4)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
         x = padded_batch()[0]
         unmerged = model(x).logits
-        torch.testing.assert_close(B._merge(model)(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(latency._merge(model)(x).logits, unmerged, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(p, weights[n]) for n, p in base.named_parameters())
 
 
@@ -379,16 +379,16 @@ def test_merged_lora_variant_equals_unmerged_and_leaves_the_shared_base_alone():
 def test_latency_table_bad_input(kwargs, match):
     args = dict(shapes=((1, 4),), budgets=(1e3,)) | kwargs
     with pytest.raises(ValueError, match=match):
-        B.latency_table(tiny_gpt2().config, **args)
+        latency.latency_table(tiny_gpt2().config, **args)
 
 
 def test_size_and_config_bad_input():
     with pytest.raises(ValueError, match="config must be one of"):
-        B.gpt2_config("gpt-3")
+        latency.gpt2_config("gpt-3")
     with pytest.raises(ValueError, match="method must be one of"):
-        B.size_for_budget("bitfit", B.gpt2_config(), 1e6)
+        latency.size_for_budget("bitfit", latency.gpt2_config(), 1e6)
     with pytest.raises(ValueError, match="budget must be > 0"):
-        B.size_for_budget("lora", B.gpt2_config(), 0)
+        latency.size_for_budget("lora", latency.gpt2_config(), 0)
 
 
 def test_widen_mask_puts_visible_prefix_columns_first():
