@@ -30,6 +30,7 @@ from functools import lru_cache
 
 import torch
 
+from . import nf4_kernel
 from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -304,12 +305,16 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return quantize_4bit(w, blocksize=blocksize, codebook="nf4", double_quant=double_quant)
 
 
-def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """level[code] · absmax in fp32, rounded once to ``dtype`` (default: the dtype ``q`` was quantized from).
 
-    Bit-exact with ``bitsandbytes.functional.dequantize_4bit``."""
+    backend: "c" -- the compiled one-pass loop of ``lorabook.nf4_kernel`` (CPU only); "torch" -- plain PyTorch,
+    any device; "auto" -- "c" where it is available, else "torch". Both are bit-exact with
+    ``bitsandbytes.functional.dequantize_4bit``."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    if backend not in ("auto", "c", "torch"):
+        raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
     q.validate()  # its fields may have been changed since it was made
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
@@ -317,6 +322,9 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
     absmax, n, bs = q.block_absmax(), q.numel, q.blocksize
     device = q.packed.device
     out = torch.empty(n, dtype=dtype, device=device)  # (n,)
+    if backend == "c" or (backend == "auto" and device.type == "cpu" and nf4_kernel.available()):
+        nf4_kernel.dequantize_into(q.packed, absmax.contiguous(), _codebook(q.codebook), out, bs)
+        return out.view(q.shape)
     chunk = min(n + n % 2, DECODE_CHUNK)
     index = torch.empty(chunk // 2, dtype=torch.int32, device=device)  # scratch for _decode
     buffer = torch.empty(chunk, device=device) if dtype != torch.float32 or n % 2 else None

@@ -5,6 +5,8 @@ For a 4096×4096 weight (``--quick``: 512×512), blocksize 64, in fp32 and in bf
     quantize     lorabook ``quantize_nf4``    vs bitsandbytes ``quantize_4bit(quant_type="nf4")``   goal ratio ≤ 1.0
                                               vs a naive one: argmin |x / absmax - level| over the 16 levels
     dequantize   lorabook ``dequantize_nf4``  vs bitsandbytes ``dequantize_4bit``                   goal ratio ≤ 1.0
+                 (the compiled kernel)        vs lorabook's own PyTorch path (the fallback), and vs the kernel's
+                                              portable loop (no AVX-512)
                                               vs a naive one: unpack the nibbles, index the levels, multiply
     bandwidth    dequantize's bytes (packed codes and absmax read, the weight written) per second, as a fraction
                  of this machine's memcpy bandwidth (a ``clone`` of the dequantized weight: read + write)
@@ -15,9 +17,12 @@ OpenMP through the system's libgomp, which ``torch.set_num_threads`` does not re
 ``paired_ratio`` is the median of the within-round ratios, the steadier number on a busy machine.
 
 What bitsandbytes' CPU path does: quantize_4bit is plain PyTorch (bucketize against the level midpoints);
-dequantize_4bit is one C loop over the bytes (OpenMP), ``level · absmax`` straight into the output. Ours is plain
-PyTorch: one ``index_select`` into a 256-entry table of level pairs (a byte's two values as one 8-byte element), then
-one multiply per block, chunk by chunk while the values are in cache -- two passes where the C loop makes one.
+dequantize_4bit is one C loop over the bytes (OpenMP, AVX-512 permutes where the CPU has them). Ours
+(``lorabook.nf4_kernel``) is one C loop too: per block a 16-entry table of ``level · absmax`` already rounded to the
+output dtype, then one AVX-512 permute per 16 (fp32) or 32 (bf16) values. Both write a freshly allocated output,
+whose first touch (page faults: the kernel zeroing each 4 KB page) costs about as much as the loop itself; the
+memcpy row pays it too. The PyTorch fallback makes two passes: an ``index_select`` into a table of level pairs,
+then one multiply per block.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 
 from .bench import register, row
 from .lora_bench import _device, _threads, interleaved, paired_ratio
+from . import nf4_kernel
 from .nf4 import codebook, dequantize_nf4, quantize_nf4
 
 
@@ -113,21 +119,39 @@ def _nf4_bench(quick: bool) -> list[dict]:
         naive = naive_dequantize(q.packed, q.absmax, w.shape, dtype)
         exact_d = torch.equal(_bits(ours), _bits(theirs))
         out_bytes = ours.numel() * ours.element_size()
-        t = interleaved({"lorabook": (_nothing, lambda: dequantize_nf4(q), _nothing),
-                         "bnb": (_nothing, lambda: bnbf.dequantize_4bit(packed, state), _nothing),
-                         "naive": (_nothing, lambda: naive_dequantize(q.packed, q.absmax, w.shape, dtype), _nothing),
-                         "memcpy": (_nothing, lambda: ours.clone(), _nothing)},
+        variants = {"lorabook": lambda: dequantize_nf4(q),
+                    "bnb": lambda: bnbf.dequantize_4bit(packed, state),
+                    "torch path": lambda: dequantize_nf4(q, backend="torch"),
+                    "naive": lambda: naive_dequantize(q.packed, q.absmax, w.shape, dtype),
+                    "memcpy": lambda: ours.clone()}
+        if nf4_kernel.available():
+            variants["portable loop"] = lambda: _portable(q)
+        t = interleaved({name: (_nothing, fn, _nothing) for name, fn in variants.items()},
                         rounds=3 if quick else 7, repeat=2 if quick else 3, warmup=1, device=dev)
         repeat = 2 if quick else 3
         moved = q.packed.numel() + q.absmax.numel() * 4 + out_bytes  # bytes a dequantize has to touch
         gbps = lambda s: moved / s / 1e9  # noqa: E731
+        kernel = "compiled" if nf4_kernel.available() and dev.type == "cpu" else "pytorch"
         rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, peer, t["bnb"].median,
-                     exact=exact_d, goal="<= 1.0", paired_ratio=paired_ratio(t["lorabook"], t["bnb"], repeat)),
-                 row(f"{case}: dequantize", "seconds", t["lorabook"].median, "naive byte lookup",
+                     exact=exact_d, goal="<= 1.0", paired_ratio=paired_ratio(t["lorabook"], t["bnb"], repeat),
+                     lorabook_path=kernel),
+                 row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook pytorch path",
+                     t["torch path"].median, exact=torch.equal(_bits(ours), _bits(variants["torch path"]())))]
+        if "portable loop" in t:
+            rows.append(row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook portable C loop",
+                            t["portable loop"].median, exact=torch.equal(_bits(ours), _bits(_portable(q)))))
+        rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, "naive byte lookup",
                      t["naive"].median, exact=torch.equal(_bits(ours), _bits(naive))),
                  row(f"{case}: dequantize", "GB/s", gbps(t["lorabook"].median), "memcpy (clone)",
                      2 * out_bytes / t["memcpy"].median / 1e9, bitsandbytes_gbps=gbps(t["bnb"].median))]
     return rows
+
+
+def _portable(q) -> torch.Tensor:
+    """The compiled kernel without AVX-512, into a fresh output like the others."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    nf4_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out.view(-1), q.blocksize, simd=False)
+    return out
 
 
 def _nothing() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook import nf4
+from lorabook import nf4, nf4_kernel
 from lorabook.nf4 import QuantizedTensor, dequantize_4bit, quantize_4bit
 
 with warnings.catch_warnings():
@@ -16,6 +16,7 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.usefixtures("one_thread")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_OF = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit (a -0.0 against 0.0 too)
+BACKENDS = ["torch"] + (["c"] if nf4_kernel.available() else [])  # dequantize_4bit's two ways (nf4_kernel)
 
 
 def bnb_dequantize(packed, state):
@@ -35,9 +36,11 @@ def assert_bit_exact(w, blocksize=64, codebook="nf4"):
     packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=codebook)
     assert torch.equal(q.packed, packed.view(-1)), "packed bytes differ"
     assert torch.equal(q.absmax, state.absmax), "absmax differs"
-    ours = dequantize_4bit(q)
-    assert ours.shape == w.shape and ours.dtype == w.dtype
-    assert same_bits(ours, bnb_dequantize(packed, state)), "dequantized values differ"
+    theirs = bnb_dequantize(packed, state)
+    for backend in BACKENDS:
+        ours = dequantize_4bit(q, backend=backend)
+        assert ours.shape == w.shape and ours.dtype == w.dtype
+        assert same_bits(ours, theirs), f"dequantized values differ ({backend})"
 
 
 # ---- codebooks ----------------------------------------------------------------------------------------------

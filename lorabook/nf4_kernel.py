@@ -1,0 +1,238 @@
+"""A compiled one-pass 4-bit dequantization for the CPU, with plain PyTorch as the fallback.
+
+``lorabook.nf4.dequantize_4bit`` in PyTorch makes two passes over the output: an ``index_select`` writes each
+byte's two levels, then a multiply scales each block by its absmax. The C loop below makes one, as bitsandbytes'
+CPU kernel does, and does less work per value than ``level · absmax``: for each block it first builds the block's
+16 possible outputs, rounded once to the output dtype,
+
+    table[k] = dtype(code[k] · absmax[b])          k = 0..15        (16 products per block of 64 values)
+
+and then every byte of the block is two table reads:
+
+    out[2j] = table[byte_j >> 4]        out[2j + 1] = table[byte_j & 15]
+
+The products are the same fp32 products, rounded the same way (round to nearest even, to bf16 or fp16 by hand
+below), so the result is bit-for-bit the PyTorch path's -- and bitsandbytes'. Blocks are split between threads
+with OpenMP (``torch.get_num_threads()`` of them).
+
+The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``; about a second)
+into ``~/.cache/lorabook`` (``$LORABOOK_CACHE``) and loaded with ``ctypes`` -- no PyTorch headers, no build step
+at install. No compiler, a failed compile, ``LORABOOK_KERNEL=0``, a tensor that is not on the CPU: ``available()``
+says so (``reason()`` says why) and ``dequantize_4bit`` uses its PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t bits_of(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float float_of(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* fp32 -> bf16, round to nearest, ties to even (finite x): add just under half of the dropped 16 bits, plus
+   the kept lowest bit, and cut. */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u = bits_of(x);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* fp32 -> fp16, round to nearest, ties to even (finite x). */
+static inline uint16_t to_fp16(float x) {
+    uint32_t u = bits_of(x);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    u &= 0x7FFFFFFFu;                                /* |x| */
+    if (u >= 0x47800000u) return sign | 0x7C00u;     /* |x| >= 2^16: infinity */
+    if (u < 0x38800000u) {                           /* |x| < 2^-14: a subnormal fp16, in units of 2^-24 */
+        /* adding 0.5 puts the units in the low mantissa bits; the fp32 add rounds to nearest even for us */
+        return sign | (uint16_t)(bits_of(float_of(u) + 0.5f) - 0x3F000000u);
+    }
+    uint32_t odd = (u >> 13) & 1u;                   /* the lowest bit fp16 keeps */
+    u += 0xC8000000u + 0x0FFFu + odd;                /* rebias the exponent (127 -> 15), round, maybe carry */
+    return sign | (uint16_t)(u >> 13);               /* a carry past 65504 lands on infinity, as it should */
+}
+
+/* The portable loop: per block, its 16 outputs, then two table reads per byte. */
+#define SCALAR_LOOP(T, CONVERT)                                                                               \
+    T table[16];                                         /* this block's 16 outputs, rounded once */        \
+    for (int k = 0; k < 16; ++k) table[k] = CONVERT(code[k] * absmax[b]);                                   \
+    for (; j < count / 2; ++j) {                                                                             \
+        uint8_t byte = bytes[j];                                                                             \
+        o[2 * j] = table[byte >> 4];                     /* first code in the high nibble */                \
+        o[2 * j + 1] = table[byte & 15];                                                                     \
+    }                                                                                                        \
+    if (count & 1) o[count - 1] = table[bytes[count / 2] >> 4];  /* an odd count ends on a high nibble */
+
+#define FOR_EACH_BLOCK(BODY)                                                                                  \
+    int64_t n_blocks = (n + blocksize - 1) / blocksize;                                                      \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
+    for (int64_t b = 0; b < n_blocks; ++b) {                                                                  \
+        int64_t start = b * blocksize;                   /* blocksize is even: a block starts on a byte */  \
+        int64_t count = n - start < blocksize ? n - start : blocksize;                                       \
+        const uint8_t* bytes = packed + start / 2;                                                           \
+        int64_t j = 0;                                   /* bytes done */                                   \
+        BODY                                                                                                 \
+    }
+
+#define ARGS const uint8_t* packed, const float* absmax, const float* code, void* out_, int64_t n, \
+             int64_t blocksize, int threads
+
+static inline float as_float(float x) { return x; }
+static void scalar_f32(ARGS)  { float* out = out_;    FOR_EACH_BLOCK(float* o = out + start; SCALAR_LOOP(float, as_float)) }
+static void scalar_bf16(ARGS) { uint16_t* out = out_; FOR_EACH_BLOCK(uint16_t* o = out + start; SCALAR_LOOP(uint16_t, to_bf16)) }
+static void scalar_f16(ARGS)  { uint16_t* out = out_; FOR_EACH_BLOCK(uint16_t* o = out + start; SCALAR_LOOP(uint16_t, to_fp16)) }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* AVX-512: the 16-entry table fits one register and one permute looks up 16 (fp32) or 32 (16-bit) codes. */
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+
+/* 16 bytes -> 32 codes in output order (hi, lo, hi, lo, ...) as 16-bit lanes */
+AVX512 static inline __m512i codes_16bit(const uint8_t* bytes) {
+    __m512i twice = _mm512_cvtepu8_epi16(_mm256_set_m128i(
+        _mm_unpackhi_epi8(_mm_loadu_si128((const __m128i*)bytes), _mm_loadu_si128((const __m128i*)bytes)),
+        _mm_unpacklo_epi8(_mm_loadu_si128((const __m128i*)bytes), _mm_loadu_si128((const __m128i*)bytes))));
+    const __m512i shift = _mm512_set1_epi32(4);          /* 16-bit lanes: shift 4 (even lanes), 0 (odd lanes) */
+    return _mm512_and_si512(_mm512_srlv_epi16(twice, shift), _mm512_set1_epi16(15));
+}
+
+AVX512 static void avx512_f32(ARGS) {
+    float* out = out_;
+    FOR_EACH_BLOCK(
+        float* o = out + start;
+        __m512 values = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b]));  /* the 16 outputs */
+        const __m512i shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+        for (; j + 8 <= count / 2; j += 8) {             /* 8 bytes -> 16 values; vpermps reads 4 index bits */
+            __m128i eight = _mm_loadl_epi64((const __m128i*)(bytes + j));
+            __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(eight, eight)), shift);
+            _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(idx, values));
+        }
+        SCALAR_LOOP(float, as_float))
+}
+
+#define AVX512_16BIT(NAME, CONVERT)                                                                           \
+AVX512 static void NAME(ARGS) {                                                                               \
+    uint16_t* out = out_;                                                                                     \
+    FOR_EACH_BLOCK(                                                                                           \
+        uint16_t* o = out + start;                                                                            \
+        uint16_t rounded[32] = {0};                      /* the 16 outputs, rounded once (vpermw: 32 lanes) */ \
+        for (int k = 0; k < 16; ++k) rounded[k] = CONVERT(code[k] * absmax[b]);                              \
+        __m512i values = _mm512_loadu_si512(rounded);                                                         \
+        for (; j + 16 <= count / 2; j += 16)             /* 16 bytes -> 32 values */                          \
+            _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(codes_16bit(bytes + j), values));        \
+        SCALAR_LOOP(uint16_t, CONVERT))                                                                       \
+}
+AVX512_16BIT(avx512_bf16, to_bf16)
+AVX512_16BIT(avx512_f16, to_fp16)
+static int use_avx512(int simd) {
+    return simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+#else                                                    /* not x86-64: the portable loop only */
+#define avx512_f32 scalar_f32
+#define avx512_bf16 scalar_bf16
+#define avx512_f16 scalar_f16
+static int use_avx512(int simd) { return 0; }
+#endif
+
+/* simd: 1 = AVX-512 where the CPU has it, 0 = the portable loop. Returns 1 if AVX-512 ran. */
+#define ENTRY(NAME, SCALAR, VECTOR)                                                                           \
+int NAME(ARGS, int simd) {                                                                                    \
+    int vector = use_avx512(simd);                                                                            \
+    (vector ? VECTOR : SCALAR)(packed, absmax, code, out_, n, blocksize, threads);                           \
+    return vector;                                                                                            \
+}
+ENTRY(dequantize_4bit_f32, scalar_f32, avx512_f32)
+ENTRY(dequantize_4bit_bf16, scalar_bf16, avx512_bf16)
+ENTRY(dequantize_4bit_f16, scalar_f16, avx512_f16)
+"""
+
+FUNCTIONS = {torch.float32: "dequantize_4bit_f32", torch.bfloat16: "dequantize_4bit_bf16",
+             torch.float16: "dequantize_4bit_f16"}
+PARALLEL_FROM = 2 ** 16  # values; below this, starting threads costs more than it saves
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]  # -O3 without -ffast-math: the fp32 products stay exact IEEE
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LORABOOK_CACHE") or Path.home() / ".cache" / "lorabook")
+
+
+@lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not). Compiled once per source and flags; later runs load the cached file."""
+    if os.environ.get("LORABOOK_KERNEL", "1") == "0":
+        return None, "disabled by LORABOOK_KERNEL=0"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set $CC)"
+    key = hashlib.sha256("\n".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"nf4_kernel_{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            source = Path(tmp) / "nf4_kernel.c"
+            source.write_text(SOURCE)
+            built = Path(tmp) / library.name
+            result = subprocess.run([cc, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None, f"{cc} failed: {result.stderr.strip()[-500:]}"
+            os.replace(built, library)  # atomic: another process compiling at the same time is harmless
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as error:
+        return None, f"cannot load {library}: {error}"
+    for name in FUNCTIONS.values():
+        function = getattr(lib, name)
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        function.restype = ctypes.c_int
+    return lib, ""
+
+
+def available() -> bool:
+    """True if the compiled kernel is (or can be) loaded. Compiles it on the first call."""
+    return _load()[0] is not None
+
+
+def reason() -> str:
+    """Why the kernel is not available ("" if it is)."""
+    return _load()[1]
+
+
+def dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
+                    blocksize: int, simd: bool = True) -> bool:
+    """out[i] = dtype(code[codes[i]] · absmax[i // blocksize]) for the n = out.numel() codes in ``packed``.
+
+    packed (ceil(n / 2),) uint8, absmax (ceil(n / blocksize),) fp32, code (16,) fp32, out (n,) fp32/bf16/fp16 --
+    all contiguous CPU tensors (checked here: the C loop trusts them). simd: use AVX-512 where the CPU has it (else
+    the portable loop). Returns whether AVX-512 ran. Raises RuntimeError if not ``available()``."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"the compiled 4-bit kernel is not available: {why}")
+    if not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even int, got {blocksize!r}")
+    if out.dtype not in FUNCTIONS:
+        raise ValueError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+    n = out.numel()
+    expected = {"packed": (packed, torch.uint8, (n + 1) // 2), "absmax": (absmax, torch.float32, -(-n // blocksize)),
+                "code": (code, torch.float32, 16), "out": (out, out.dtype, n)}
+    for name, (tensor, dtype, numel) in expected.items():
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype or \
+                tensor.numel() != numel:
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {numel} elements, got "
+                             f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    threads = torch.get_num_threads() if n >= PARALLEL_FROM else 1
+    return bool(getattr(lib, FUNCTIONS[out.dtype])(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                                                   out.data_ptr(), n, blocksize, threads, int(simd)))
