@@ -170,6 +170,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LORABOOK_CACHE") or Path.home() / ".cache" / "lorabook")
 
 
+def _compile(cc: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        source = Path(tmp) / "nf4_kernel.c"
+        source.write_text(SOURCE)
+        built = Path(tmp) / library.name
+        subprocess.run([cc, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, check=True)
+        os.replace(built, library)  # atomic: another process compiling at the same time is harmless
+
+
 @lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not). Compiled once per source and flags; later runs load the cached file."""
@@ -181,15 +191,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     key = hashlib.sha256("\n".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:16]
     library = _cache_dir() / f"nf4_kernel_{key}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            source = Path(tmp) / "nf4_kernel.c"
-            source.write_text(SOURCE)
-            built = Path(tmp) / library.name
-            result = subprocess.run([cc, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return None, f"{cc} failed: {result.stderr.strip()[-500:]}"
-            os.replace(built, library)  # atomic: another process compiling at the same time is harmless
+        try:
+            _compile(cc, library)
+        except (OSError, subprocess.CalledProcessError) as error:  # unwritable cache, missing or failing compiler
+            detail = getattr(error, "stderr", None) or str(error)
+            return None, f"{cc} failed: {detail.strip()[-500:]}"
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as error:

@@ -96,6 +96,16 @@ def test_a_failing_compiler_falls_back_to_pytorch(fresh_kernel, monkeypatch):
     assert torch.equal(dequantize_4bit(q), dequantize_4bit(q, backend="torch"))
 
 
+def test_a_missing_compiler_or_an_unwritable_cache_falls_back(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert not nf4_kernel.available() and "No such file" in nf4_kernel.reason()
+    nf4_kernel._load.cache_clear()
+    monkeypatch.delenv("CC")
+    (fresh_kernel / "file").write_text("")
+    monkeypatch.setenv("LORABOOK_CACHE", str(fresh_kernel / "file" / "cache"))  # a file where a folder should be
+    assert not nf4_kernel.available() and "failed" in nf4_kernel.reason()
+
+
 def test_no_compiler_falls_back(fresh_kernel, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(nf4_kernel.shutil, "which", lambda name: None)
