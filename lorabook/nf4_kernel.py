@@ -11,7 +11,8 @@ and then every byte of the block is two table reads:
 
     out[2j] = table[byte_j >> 4]        out[2j + 1] = table[byte_j & 15]
 
-The products are the same fp32 products, rounded the same way (round to nearest even, to bf16 or fp16 by hand
+On a CPU with AVX-512 (checked at run time) the table sits in one register and a single permute decodes 16 codes
+(``vpermps``, fp32) or 32 (``vpermw``, bf16/fp16); elsewhere the portable loop above runs. The products are the same fp32 products, rounded the same way (round to nearest even, to bf16 or fp16 by hand
 below), so the result is bit-for-bit the PyTorch path's -- and bitsandbytes'. Blocks are split between threads
 with OpenMP (``torch.get_num_threads()`` of them).
 
