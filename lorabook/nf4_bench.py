@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from .bench import register, row
-from .lora_bench import _device, _threads, interleaved, paired_ratio
+from .lora_bench import _device, _nothing, _threads, interleaved, paired_ratio
 from . import nf4_kernel
 from .nf4 import codebook, dequantize_nf4, quantize_nf4
 
@@ -152,7 +152,3 @@ def _portable(q) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype)
     nf4_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out.view(-1), q.blocksize, simd=False)
     return out
-
-
-def _nothing() -> None:
-    pass

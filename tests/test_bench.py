@@ -33,3 +33,12 @@ def test_unknown_benchmark_names_the_choices(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench.main(["nope"])
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
+    from lorabook.nf4_bench import nf4_bench
+    rows = nf4_bench(quick=True)  # 512 x 512: a smoke test of the benchmark, not a timing
+    dequantize = [r for r in rows if r["case"].endswith("dequantize") and r["metric"] == "seconds"]
+    assert {r["peer"] for r in dequantize} >= {"lorabook pytorch path", "naive byte lookup"}
+    assert all(r["exact"] for r in dequantize)
+    assert all(r["exact"] for r in rows if r.get("goal"))  # both goals compare bit-identical results

@@ -189,10 +189,14 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
 
 
-def assert_unchanged(model, snap):
+def assert_refused_and_unchanged(model, folder, match, **kwargs):
+    """load_adapter raises a ValueError matching ``match`` and leaves every weight and module of ``model`` as it was."""
+    before_state, before_types = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, folder, **kwargs)
     state, types = snapshot(model)
-    assert state.keys() == snap[0].keys() and all(torch.equal(state[k], snap[0][k]) for k in state)
-    assert types == snap[1]
+    assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
+    assert types == before_types
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -202,37 +206,24 @@ def test_bad_folder_is_a_clear_error_and_changes_nothing(tmp_path, case, start):
     damage, message = BAD[case]
     damage(d)
     model = tiny_llama(0) if start == "plain" else add_lora(tiny_llama(0), ["q_proj"], r=2, adapter_name="x")
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(model, d, adapter_name="new")
-    assert_unchanged(model, snap)
+    assert_refused_and_unchanged(model, d, message, adapter_name="new")
 
 
 def test_wrong_architecture(tmp_path):
     _, d = saved(tmp_path, model=randomize_B(add_lora(tiny_gpt2(), ["c_attn"], r=2)))
-    model = tiny_llama(0)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"keys for 2 layers this model does not have.*transformer.h.0.attn.c_attn"):
-        load_adapter(model, d)
-    assert_unchanged(model, snap)
+    assert_refused_and_unchanged(tiny_llama(0), d,
+                                 r"keys for 2 layers this model does not have.*transformer.h.0.attn.c_attn")
 
 
 def test_wrong_width(tmp_path):
     _, d = saved(tmp_path)
-    model = tiny_llama(0, d_model=32, n_heads=4)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"expected \(4, 32\)"):
-        load_adapter(model, d)
-    assert_unchanged(model, snap)
+    assert_refused_and_unchanged(tiny_llama(0, d_model=32, n_heads=4), d, r"expected \(4, 32\)")
 
 
 def test_existing_adapter_with_another_rank_or_layers(tmp_path):
     _, d = saved(tmp_path)
     for model in (add_lora(tiny_llama(0), ["q_proj", "v_proj"], r=2), add_lora(tiny_llama(0), ["q_proj"], r=4)):
-        snap = snapshot(model)
-        with pytest.raises(ValueError, match="has r=2, the file r=4|exists on other layers"):
-            load_adapter(model, d)
-        assert_unchanged(model, snap)
+        assert_refused_and_unchanged(model, d, "has r=2, the file r=4|exists on other layers")
 
 
 def test_bad_arguments(tmp_path):
