@@ -17,7 +17,7 @@ below), so the result is bit-for-bit the PyTorch path's -- and bitsandbytes'. Bl
 with OpenMP (``torch.get_num_threads()`` of them).
 
 The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``; about a second)
-into ``~/.cache/lorabook`` (``$LORABOOK_CACHE``) and loaded with ``ctypes`` -- no PyTorch headers, no build step
+into ``~/.cache/lorabook`` (``$LORABOOK_CACHE``; without OpenMP if the compiler lacks it) and loaded with ``ctypes`` -- no PyTorch headers, no build step
 at install. No compiler, a failed compile, ``LORABOOK_KERNEL=0``, a tensor that is not on the CPU: ``available()``
 says so (``reason()`` says why) and ``dequantize_4bit`` uses its PyTorch path.
 """
@@ -160,7 +160,8 @@ ENTRY(dequantize_4bit_f16, scalar_f16, avx512_f16)
 FUNCTIONS = {torch.float32: "dequantize_4bit_f32", torch.bfloat16: "dequantize_4bit_bf16",
              torch.float16: "dequantize_4bit_f16"}
 PARALLEL_FROM = 2 ** 16  # values; below this, starting threads costs more than it saves
-FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]  # -O3 without -ffast-math: the fp32 products stay exact IEEE
+FLAGS = ["-O3", "-shared", "-fPIC"]  # -O3 without -ffast-math: the fp32 products stay exact IEEE
+OPENMP = "-fopenmp"  # tried first; a compiler without OpenMP (Apple's clang) builds a one-thread loop instead
 
 
 def _compiler() -> str | None:
@@ -177,7 +178,11 @@ def _compile(cc: str, library: Path) -> None:
         source = Path(tmp) / "nf4_kernel.c"
         source.write_text(SOURCE)
         built = Path(tmp) / library.name
-        subprocess.run([cc, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, check=True)
+        command = [cc, *FLAGS, str(source), "-o", str(built)]
+        try:
+            subprocess.run(command + [OPENMP], capture_output=True, text=True, check=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, capture_output=True, text=True, check=True)  # the pragma is then ignored
         os.replace(built, library)  # atomic: another process compiling at the same time is harmless
 
 

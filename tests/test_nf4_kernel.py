@@ -106,6 +106,18 @@ def test_a_missing_compiler_or_an_unwritable_cache_falls_back(fresh_kernel, monk
     assert not nf4_kernel.available() and "failed" in nf4_kernel.reason()
 
 
+@needs_kernel
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(fresh_kernel, monkeypatch):
+    real_cc = nf4_kernel._compiler()
+    no_openmp = fresh_kernel / "cc-without-openmp"
+    no_openmp.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real_cc} "$@"\n')
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CC", str(no_openmp))
+    assert nf4_kernel.available()
+    q = quantize_4bit(torch.randn(300_001))
+    assert torch.equal(dequantize_4bit(q, backend="c"), dequantize_4bit(q, backend="torch"))
+
+
 def test_no_compiler_falls_back(fresh_kernel, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(nf4_kernel.shutil, "which", lambda name: None)
