@@ -12,14 +12,16 @@ and then every byte of the block is two table reads:
     out[2j] = table[byte_j >> 4]        out[2j + 1] = table[byte_j & 15]
 
 On a CPU with AVX-512 (checked at run time) the table sits in one register and a single permute decodes 16 codes
-(``vpermps``, fp32) or 32 (``vpermw``, bf16/fp16); elsewhere the portable loop above runs. The products are the same fp32 products, rounded the same way (round to nearest even, to bf16 or fp16 by hand
-below), so the result is bit-for-bit the PyTorch path's -- and bitsandbytes'. Blocks are split between threads
-with OpenMP (``torch.get_num_threads()`` of them).
+(``vpermps``, fp32) or 32 (``vpermw``, bf16/fp16); elsewhere the portable loop above runs. The products are the
+same fp32 products, rounded the same way (round to nearest even, to bf16 or fp16 by hand below), so the result is
+bit-for-bit the PyTorch path's -- and bitsandbytes'. Blocks are split between threads with OpenMP
+(``torch.get_num_threads()`` of them).
 
 The source is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``; about a second)
-into ``~/.cache/lorabook`` (``$LORABOOK_CACHE``; without OpenMP if the compiler lacks it) and loaded with ``ctypes`` -- no PyTorch headers, no build step
-at install. No compiler, a failed compile, ``LORABOOK_KERNEL=0``, a tensor that is not on the CPU: ``available()``
-says so (``reason()`` says why) and ``dequantize_4bit`` uses its PyTorch path.
+into ``~/.cache/lorabook`` (``$LORABOOK_CACHE``; without OpenMP if the compiler lacks it) and loaded with
+``ctypes`` -- no PyTorch headers, no build step at install. No compiler, a failed compile, ``LORABOOK_KERNEL=0``,
+a tensor that is not on the CPU: ``available()`` says so (``reason()`` says why) and ``dequantize_4bit`` uses its
+PyTorch path.
 """
 from __future__ import annotations
 
@@ -89,9 +91,11 @@ static inline uint16_t to_fp16(float x) {
              int64_t blocksize, int threads
 
 static inline float as_float(float x) { return x; }
-static void scalar_f32(ARGS)  { float* out = out_;    FOR_EACH_BLOCK(float* o = out + start; SCALAR_LOOP(float, as_float)) }
-static void scalar_bf16(ARGS) { uint16_t* out = out_; FOR_EACH_BLOCK(uint16_t* o = out + start; SCALAR_LOOP(uint16_t, to_bf16)) }
-static void scalar_f16(ARGS)  { uint16_t* out = out_; FOR_EACH_BLOCK(uint16_t* o = out + start; SCALAR_LOOP(uint16_t, to_fp16)) }
+#define SCALAR(NAME, T, CONVERT) \
+static void NAME(ARGS) { T* out = out_; FOR_EACH_BLOCK(T* o = out + start; SCALAR_LOOP(T, CONVERT)) }
+SCALAR(scalar_f32, float, as_float)
+SCALAR(scalar_bf16, uint16_t, to_bf16)
+SCALAR(scalar_f16, uint16_t, to_fp16)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* AVX-512: the 16-entry table fits one register and one permute looks up 16 (fp32) or 32 (16-bit) codes. */
