@@ -1,0 +1,259 @@
+"""Paged optimizers (QLoRA, Dettmers et al. 2023, sec. 3, https://arxiv.org/abs/2305.14314): AdamW whose state
+lives in fixed-size pages that move between the accelerator and host memory under a budget.
+
+The seed: paged optimizers "prevent memory spikes due to gradient checkpointing that cause out-of-memory errors when
+processing long sequences". QLoRA allocates the optimizer state in NVIDIA unified memory: when the GPU runs short
+(one long batch makes the activations spike), the driver evicts state pages to CPU RAM and pages them back when the
+optimizer update touches them. ``PagedAdamW`` does the same paging explicitly, so it can be watched and measured:
+
+    state of parameter i (numel n)  ->  pages (i, 0), (i, 1), ...   page (i, k) = (2, E): m and v of elements
+                                                                    [k·E, (k+1)·E), E = page_bytes // (2 · itemsize)
+    PagePool: at most budget_bytes of pages on the device; the rest on the host (pinned on CUDA). Fetching a page
+              that is on the host first evicts the least recently used pages (device -> host), then copies it in.
+
+The update, per element at step t -- AdamW (Loshchilov & Hutter) in ``torch.optim.AdamW``'s order of operations,
+so the result is bit-for-bit torch's (``foreach=False``), page by page:
+
+    p ← p · (1 − lr·λ)          m ← m + (1 − β1)·(g − m)          v ← β2·v + (1 − β2)·g²
+    p ← p − lr / (1 − β1^t) · m / (√v / √(1 − β2^t) + ε)
+
+``state_dict()`` holds whole ``exp_avg`` / ``exp_avg_sq`` tensors in torch's layout: a checkpoint moves between
+``PagedAdamW`` and ``torch.optim.AdamW`` both ways. On a machine without an accelerator host and device are the same
+memory: the paging still runs (and is counted), but saves nothing.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PageStats:
+    """What the pool moved: pages and bytes each way, and the most device bytes it ever held."""
+
+    page_ins: int = 0
+    page_outs: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    peak_device_bytes: int = 0
+
+
+class PagePool:
+    """Pages (tensors) by key, at most ``budget_bytes`` of them on ``device``, the others on the host, LRU order."""
+
+    def __init__(self, device: torch.device | str, budget_bytes: int | None = None):
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes  # None: no limit, nothing is ever evicted
+        self.on_device: OrderedDict[object, torch.Tensor] = OrderedDict()  # least recently used first
+        self.on_host: dict[object, torch.Tensor] = {}
+        self.device_bytes = 0
+        self.stats = PageStats()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(_nbytes(page) for page in self.on_host.values())
+
+    def add(self, key, page: torch.Tensor) -> None:
+        """Take in a new page (its values are copied): onto the device if it fits, else onto the host."""
+        if key in self.on_device or key in self.on_host:
+            raise KeyError(f"page {key!r} is already in the pool")
+        self._check_fits(page)
+        if self._fits(_nbytes(page)):
+            self._place(key, page.to(self.device, copy=True).contiguous())
+        else:
+            self.on_host[key] = _to_host(page, self.device)
+
+    def get(self, key) -> torch.Tensor:
+        """The page, on the device (paged in if it was on the host); it becomes the most recently used."""
+        if key in self.on_device:
+            self.on_device.move_to_end(key)
+            return self.on_device[key]
+        if key not in self.on_host:
+            raise KeyError(f"no page {key!r} in the pool")
+        host = self.on_host.pop(key)
+        size = _nbytes(host)
+        while not self._fits(size):
+            self._evict()
+        self.stats.page_ins += 1
+        self.stats.bytes_in += size
+        return self._place(key, host.to(self.device, non_blocking=True))
+
+    def where(self, key) -> str:
+        return "device" if key in self.on_device else "host"
+
+    def _fits(self, size: int) -> bool:
+        return self.budget_bytes is None or self.device_bytes + size <= self.budget_bytes
+
+    def _check_fits(self, page: torch.Tensor) -> None:
+        if self.budget_bytes is not None and _nbytes(page) > self.budget_bytes:
+            raise ValueError(f"a page of {_nbytes(page)} bytes does not fit budget_bytes={self.budget_bytes}")
+
+    def _place(self, key, page: torch.Tensor) -> torch.Tensor:
+        self.on_device[key] = page
+        self.device_bytes += _nbytes(page)
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_bytes)
+        return page
+
+    def _evict(self) -> None:
+        key, page = self.on_device.popitem(last=False)  # the least recently used
+        self.device_bytes -= _nbytes(page)
+        self.on_host[key] = _to_host(page, self.device)
+        self.stats.page_outs += 1
+        self.stats.bytes_out += _nbytes(page)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _to_host(page: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host copy; pinned when the device is CUDA, so the copy back can run asynchronously."""
+    host = torch.empty(page.shape, dtype=page.dtype, pin_memory=device.type == "cuda")
+    return host.copy_(page)
+
+
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                 lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float) -> None:
+    """One AdamW step on matching slices, in place: torch.optim.AdamW's single-tensor update, op for op."""
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    exp_avg.lerp_(grad, 1 - beta1)  # m ← β1·m + (1 − β1)·g
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v ← β2·v + (1 − β2)·g²
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def _number(value, name: str, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or \
+            (high is not None and not value < high):
+        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
+    return float(value)
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    """AdamW with its state (exp_avg, exp_avg_sq) in pages of ``page_bytes`` under ``budget_bytes`` of device memory.
+
+    budget_bytes=None keeps every page on the device (plain AdamW, state in pages). Bit-exact with
+    ``torch.optim.AdamW(..., foreach=False)`` for any page size and budget."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, page_bytes: int = 2 ** 20, budget_bytes: int | None = None):
+        _number(lr, "lr", 0.0)
+        _number(eps, "eps", 0.0)
+        _number(weight_decay, "weight_decay", 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _number(betas[0], "betas[0]", 0.0, 1.0)
+        _number(betas[1], "betas[1]", 0.0, 1.0)
+        if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes < 64:
+            raise ValueError(f"page_bytes must be an int >= 64, got {page_bytes!r}")
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
+                                         or budget_bytes < page_bytes):
+            raise ValueError(f"budget_bytes must be None or an int >= page_bytes ({page_bytes}), got {budget_bytes!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.page_bytes = page_bytes
+        self.budget_bytes = budget_bytes
+        self.pools: dict[torch.device, PagePool] = {}  # one per device the parameters live on
+
+    def page_elems(self, param: torch.Tensor) -> int:
+        """Elements of ``param`` per page: a page holds m and v, 2 · E · itemsize <= page_bytes."""
+        return max(1, self.page_bytes // (2 * param.element_size()))
+
+    def _pool(self, param: torch.Tensor) -> PagePool:
+        if param.device not in self.pools:
+            self.pools[param.device] = PagePool(param.device, self.budget_bytes)
+        return self.pools[param.device]
+
+    def _pages(self, param: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(key index, start, stop) for each page of ``param``'s state."""
+        n, elems = param.numel(), self.page_elems(param)
+        return [(k, start, min(start + elems, n)) for k, start in enumerate(range(0, n, elems))]
+
+    def _init_state(self, param: torch.Tensor, exp_avg=None, exp_avg_sq=None) -> None:
+        """Pages for ``param``: zeros, or the given (whole) moments cut into pages."""
+        pool = self._pool(param)
+        zeros = torch.zeros(2, min(self.page_elems(param), param.numel()), dtype=param.dtype)
+        for k, start, stop in self._pages(param):
+            if exp_avg is None:
+                page = zeros[:, :stop - start]
+            else:
+                page = torch.stack([exp_avg.reshape(-1)[start:stop], exp_avg_sq.reshape(-1)[start:stop]])
+            pool.add((id(param), k), page.to(param.dtype))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError("PagedAdamW does not support sparse gradients")
+                if not param.is_contiguous():
+                    raise ValueError(f"parameters must be contiguous, got one of shape {tuple(param.shape)}")
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    self._init_state(param)
+                state["step"] += 1
+                step = state["step"].item()
+                flat, grad = param.view(-1), param.grad.reshape(-1)  # (n,)
+                pool = self._pool(param)
+                for k, start, stop in self._pages(param):
+                    page = pool.get((id(param), k))  # (2, stop - start) on the device: m, v
+                    adamw_update(flat[start:stop], grad[start:stop], page[0], page[1], lr=group["lr"],
+                                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                 step=step)
+        return loss
+
+    def moments(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp_avg, exp_avg_sq) of ``param``, gathered from its pages (wherever they are) into its shape."""
+        pool = self._pool(param)
+        pages = [pool.on_device.get((id(param), k), pool.on_host.get((id(param), k))) for k, _, _ in
+                 self._pages(param)]
+        both = torch.cat([page.to(param.device) for page in pages], dim=1)  # (2, n)
+        return both[0].view_as(param).clone(), both[1].view_as(param).clone()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Optimizer-state bytes on the device and on the host, over all pools."""
+        return {"device": sum(p.device_bytes for p in self.pools.values()),
+                "host": sum(p.host_bytes for p in self.pools.values())}
+
+    def state_dict(self):
+        """torch.optim.AdamW's layout: per parameter ``step``, ``exp_avg``, ``exp_avg_sq`` (whole tensors)."""
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in saved["state"].items():
+            entry["exp_avg"], entry["exp_avg_sq"] = self.moments(params[index])
+        return saved
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a ``state_dict`` of this class or of ``torch.optim.AdamW``: the moments are cut into pages again."""
+        moments = {index: (entry.get("exp_avg"), entry.get("exp_avg_sq"))
+                   for index, entry in state_dict["state"].items()}
+        if any(m is None or v is None for m, v in moments.values()):
+            raise ValueError("state_dict must hold exp_avg and exp_avg_sq for every parameter with state")
+        steps = {index: torch.as_tensor(entry["step"], dtype=torch.float32).clone()  # not shared with the source
+                 for index, entry in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": {index: {"step": step} for index, step in steps.items()}})
+        for group in self.param_groups:  # torch.optim.AdamW's options this class does not implement
+            unsupported = [name for name in ("amsgrad", "maximize") if group.get(name)]
+            if unsupported:
+                raise ValueError(f"state_dict uses AdamW options PagedAdamW does not implement: {unsupported}")
+        self.pools = {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, (exp_avg, exp_avg_sq) in moments.items():
+            param = params[index]
+            if exp_avg.shape != param.shape or exp_avg_sq.shape != param.shape:
+                raise ValueError(f"state {index}: moments of shape {tuple(exp_avg.shape)} for a parameter of shape "
+                                 f"{tuple(param.shape)}")
+            self._init_state(param, exp_avg, exp_avg_sq)
