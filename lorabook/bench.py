@@ -63,6 +63,7 @@ def _load_all() -> dict[str, Callable[..., list[dict]]]:
     from . import memory  # noqa: F401  (registers "memory")
     from . import lora_bench  # noqa: F401
     from . import nf4_bench  # noqa: F401  (registers "nf4")
+    from . import paged_bench  # noqa: F401  (registers "paged")
     return registry.BENCHMARKS
 
 

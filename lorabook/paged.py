@@ -80,6 +80,12 @@ class PagePool:
         self.stats.bytes_in += size
         return self._place(key, host.to(self.device, non_blocking=True))
 
+    def page_out(self, keep_bytes: int = 0) -> None:
+        """Evict least recently used pages until at most ``keep_bytes`` stay on the device -- what the driver does
+        to unified memory when something else needs the room."""
+        while self.on_device and self.device_bytes > keep_bytes:
+            self._evict()
+
     def where(self, key) -> str:
         return "device" if key in self.on_device else "host"
 
@@ -222,6 +228,14 @@ class PagedAdamW(torch.optim.Optimizer):
                  self._pages(param)]
         both = torch.cat([page.to(param.device) for page in pages], dim=1)  # (2, n)
         return both[0].view_as(param).clone(), both[1].view_as(param).clone()
+
+    def page_out(self, keep_bytes: int = 0) -> None:
+        """Move optimizer state to the host until at most ``keep_bytes`` stay on each device: call it before a step
+        whose activations spike (a long batch); the next ``step()`` pages back in what it touches."""
+        if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
+            raise ValueError(f"keep_bytes must be an int >= 0, got {keep_bytes!r}")
+        for pool in self.pools.values():
+            pool.page_out(keep_bytes)
 
     def state_bytes(self) -> dict[str, int]:
         """Optimizer-state bytes on the device and on the host, over all pools."""

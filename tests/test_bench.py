@@ -42,3 +42,11 @@ def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
     assert {r["peer"] for r in dequantize} >= {"lorabook pytorch path", "naive byte lookup"}
     assert all(r["exact"] for r in dequantize)
     assert all(r["exact"] for r in rows if r.get("goal"))  # both goals compare bit-identical results
+
+
+def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
+    from lorabook.paged_bench import paged_bench
+    rows = {(r["case"], r["peer"]): r for r in paged_bench(quick=True)}  # a smoke test, not a timing
+    assert rows[("16 x 128^2 fp32 step", "torch AdamW foreach=False")]["exact"]
+    paging = rows[("16 x 128^2 fp32 step, budget 1/4", "state bytes")]
+    assert paging["ratio"] == 1.0 and paging["peak_device_bytes"] <= paging["peer_value"] / 4

@@ -84,6 +84,24 @@ def test_no_budget_means_no_paging():
     assert stats.page_ins == stats.page_outs == 0 and optimizer.state_bytes()["host"] == 0
 
 
+def test_page_out_frees_the_device_and_the_next_step_pages_back_in():
+    ours, theirs = tiny_mlp(), tiny_mlp()
+    optimizer = PagedAdamW(ours.parameters(), page_bytes=1024)
+    reference = torch.optim.AdamW(theirs.parameters(), foreach=False)
+    train(ours, optimizer, 1)
+    total = optimizer.state_bytes()["device"]
+    optimizer.page_out()  # before a memory spike
+    assert optimizer.state_bytes() == {"device": 0, "host": total}
+    train(ours, optimizer, 2)  # pages come back on use
+    train(theirs, reference, 1)
+    train(theirs, reference, 2)
+    assert optimizer.state_bytes() == {"device": total, "host": 0} and same_parameters(ours, theirs)
+    optimizer.page_out(keep_bytes=total // 2)
+    assert 0 < optimizer.state_bytes()["device"] <= total // 2
+    with pytest.raises(ValueError, match="keep_bytes must be an int >= 0, got -1"):
+        optimizer.page_out(-1)
+
+
 def test_pool_evicts_the_least_recently_used_page():
     pool = PagePool("cpu", budget_bytes=2 * 16)
     for key in "abc":  # 16 bytes each: a and b fit, c goes to the host
