@@ -120,6 +120,16 @@ def _to_host(page: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.copy_(page)
 
 
+def page_elems(element_size: int, page_bytes: int) -> int:
+    """Elements per page: a page holds m and v of E elements, 2 · E · element_size <= page_bytes (at least 1)."""
+    return max(1, page_bytes // (2 * element_size))
+
+
+def page_count(numel: int, element_size: int, page_bytes: int) -> int:
+    """Pages the AdamW state of a parameter with ``numel`` elements takes: ceil(numel / E)."""
+    return -(-numel // page_elems(element_size, page_bytes))
+
+
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float) -> None:
     """One AdamW step on matching slices, in place: torch.optim.AdamW's single-tensor update, op for op."""
@@ -166,10 +176,6 @@ class PagedAdamW(torch.optim.Optimizer):
         self.budget_bytes = budget_bytes
         self.pools: dict[torch.device, PagePool] = {}  # one per device the parameters live on
 
-    def page_elems(self, param: torch.Tensor) -> int:
-        """Elements of ``param`` per page: a page holds m and v, 2 · E · itemsize <= page_bytes."""
-        return max(1, self.page_bytes // (2 * param.element_size()))
-
     def _pool(self, param: torch.Tensor) -> PagePool:
         if param.device not in self.pools:
             self.pools[param.device] = PagePool(param.device, self.budget_bytes)
@@ -177,13 +183,14 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _pages(self, param: torch.Tensor) -> list[tuple[int, int, int]]:
         """(key index, start, stop) for each page of ``param``'s state."""
-        n, elems = param.numel(), self.page_elems(param)
+        n, elems = param.numel(), page_elems(param.element_size(), self.page_bytes)
         return [(k, start, min(start + elems, n)) for k, start in enumerate(range(0, n, elems))]
 
     def _init_state(self, param: torch.Tensor, exp_avg=None, exp_avg_sq=None) -> None:
         """Pages for ``param``: zeros, or the given (whole) moments cut into pages."""
         pool = self._pool(param)
-        zeros = torch.zeros(2, min(self.page_elems(param), param.numel()), dtype=param.dtype)
+        zeros = torch.zeros(2, min(page_elems(param.element_size(), self.page_bytes), param.numel()),
+                            dtype=param.dtype)
         for k, start, stop in self._pages(param):
             if exp_avg is None:
                 page = zeros[:, :stop - start]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook.paged import PagedAdamW, PagePool
+from lorabook.paged import PagedAdamW, PagePool, page_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,6 +74,15 @@ def test_the_budget_holds_and_pages_move():
     stats = optimizer.pools[torch.device("cpu")].stats
     assert stats.peak_device_bytes <= total // 4 and stats.page_ins > 0 and stats.page_outs > 0
     assert optimizer.state_bytes()["device"] + optimizer.state_bytes()["host"] == total
+
+
+def test_page_count_matches_the_pages_made():
+    model = tiny_mlp()
+    optimizer = PagedAdamW(model.parameters(), page_bytes=1000)  # 125 fp32 elements of m and v per page
+    train(model, optimizer, 1)
+    made = len(optimizer.pools[torch.device("cpu")].on_device)
+    assert made == sum(page_count(p.numel(), 4, 1000) for p in model.parameters()) == 29 + 2 + 9 + 1
+    assert page_count(1, 4, 64) == 1 and page_count(9, 4, 64) == 2 and page_count(10, 2, 64) == 1
 
 
 def test_no_budget_means_no_paging():
