@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .bench import register, row
 from .memory import CATEGORIES, KNOWN_MODELS, OPTIMIZERS, _bad, _positive, as_spec, estimate, human, lora_modules
+from .models import enable_checkpointing
 
 COLORS = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#c44e52", "activations": "#55a868"}
 
@@ -111,9 +112,7 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
         lora_modules(as_spec(m), lora_targets)  # the same ValueError as estimate for a target matching nothing
         add_lora(m, lora_targets, r=lora_rank, dropout=lora_dropout)
     if gradient_checkpointing:
-        enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        m.enable_input_require_grads()
+        enable_checkpointing(m)
     opt = _make_optimizer(optimizer, [p for p in m.parameters() if p.requires_grad], lr)
     dev = next(m.parameters()).device
     gen = torch.Generator().manual_seed(seed)

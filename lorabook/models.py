@@ -155,6 +155,17 @@ def perplexity(model, tokenizer, text: str, max_len: int = 1024) -> float:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(device)).exp().item()
 
 
+def enable_checkpointing(model):
+    """Gradient checkpointing as the lessons use it, in place: Hugging Face's non-reentrant checkpointing of each
+    decoder layer, ``enable_input_require_grads()`` so gradients reach the layers behind a frozen embedding, and no
+    KV cache (training does not use one). Returns the model."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # transformers 5 renamed it; Colab may ship 4.x
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
 def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
                d_ff: int = 128, vocab_size: int = 256, max_seq_len: int = 256, tie_embeddings: bool = True,
                dtype: torch.dtype = torch.float32):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -88,3 +90,21 @@ def test_perplexity_is_exp_of_the_models_own_loss():
         perplexity(model, tok, text, max_len=1)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         perplexity(model, tok, "a")
+
+
+def test_enable_checkpointing_keeps_the_gradients(tiny):
+    from lorabook.lora import add_lora
+    from lorabook.models import enable_checkpointing
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = add_lora(tiny, ["q_proj"], r=2).train()
+    for p in plain.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)  # B too, so every LoRA gradient is nonzero
+    checkpointed = enable_checkpointing(copy.deepcopy(plain))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
+    assert not checkpointed.config.use_cache
+    grads = []
+    for m in (plain, checkpointed):
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and all(g.abs().sum() > 0 for g in grads[1])
