@@ -1,0 +1,57 @@
+"""QLoRA in one call (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): the pieces of notebooks 02-06 put
+together the way the paper trains.
+
+The QLoRA layer (their eq. 5), for every linear layer of the decoder:
+
+    Y = X · doubleDequant(c1, c2, W_NF4) + (α / r) · X Aᵀ Bᵀ       X (..., in), W (out, in), A (r, in), B (out, r)
+
+``prepare_qlora(model)``, in place and in this order:
+
+    1. every linear layer except the output head -> ``LinearNF4`` (NF4, blocksize 64, double quantization;
+       computes in ``compute_dtype``, bf16 as in the paper)                          lorabook.linear_nf4
+    2. everything frozen; LoRA (r = 64, α = 16) on every linear layer but the head -- the paper finds that
+       LoRA on all layers, not only q and v, is what matches 16-bit fine-tuning       lorabook.lora
+    3. gradient checkpointing (non-reentrant, per decoder layer)                      lorabook.models
+    4. a ``PagedAdamW`` over the LoRA parameters (lr 2e-4, no weight decay, the paper's) lorabook.paged
+
+and returns ``(model, optimizer)``. Adapters save in PEFT's format (``lorabook.lora_io.save_adapter``) like any
+other LoRA adapter: A and B do not depend on the base being 4-bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .linear_nf4 import quantize_model
+from .lora import _check_lora_args, _in_out, add_lora, find_targets
+from .models import enable_checkpointing
+from .nf4 import FLOAT_DTYPES, check_blocksize
+from .paged import PagedAdamW
+
+
+def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
+                  target_modules="all-linear", blocksize: int = 64, double_quant: bool = True,
+                  compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = True,
+                  lr: float = 2e-4, weight_decay: float = 0.0, page_bytes: int = 2 ** 20,
+                  budget_bytes: int | None = None) -> tuple[nn.Module, PagedAdamW]:
+    """NF4 base + LoRA + gradient checkpointing + a paged optimizer (see the module docstring); in place.
+
+    target_modules: as ``add_lora`` takes them; "all-linear" = every linear layer but the output head.
+    Every argument is checked before the model changes: a bad value raises with the model as it was."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if compute_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
+    check_blocksize(blocksize)
+    for name in find_targets(model, target_modules):  # raises if target_modules picks nothing
+        _check_lora_args(r, alpha, dropout, *_in_out(model.get_submodule(name)))
+    PagedAdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
+               budget_bytes=budget_bytes)  # raises for bad optimizer settings, before the model changes
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+    add_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the LoRA A and B matrices
+    optimizer = PagedAdamW(trainable, lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
+                           budget_bytes=budget_bytes)
+    return model, optimizer

@@ -1,0 +1,124 @@
+"""prepare_qlora: NF4 base + LoRA on every linear but the head + checkpointing + PagedAdamW; it trains only A
+and B, equals the pieces composed by hand, saves a PEFT adapter; bad input leaves the model unchanged."""
+import copy
+
+import pytest
+import torch
+
+from lorabook.linear_nf4 import LinearNF4, quantize_model
+from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers
+from lorabook.lora_io import load_adapter, save_adapter
+from lorabook.models import tiny_llama
+from lorabook.paged import PagedAdamW
+from lorabook.qlora import prepare_qlora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ids_for(model, seed=0):
+    return torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_pieces_are_in_place():
+    model, optimizer = prepare_qlora(tiny_llama(0), r=4, dropout=0.0)
+    layers = lora_layers(model)
+    assert len(layers) == 2 * 7  # two blocks, seven linear layers each; the tied head stays as it was
+    assert all(isinstance(m.base, LinearNF4) and m.base.weight_absmax_codes is not None for m in layers.values())
+    assert all(m.base.compute_dtype == torch.bfloat16 for m in layers.values())
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert isinstance(optimizer, PagedAdamW) and optimizer.param_groups[0]["params"] == trainable
+    assert optimizer.param_groups[0]["lr"] == 2e-4 and optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert count_trainable(model)[0] == sum(4 * (m.in_features + m.out_features) for m in layers.values())
+
+
+def test_equals_the_pieces_composed_by_hand_and_trains_only_A_and_B():
+    torch.manual_seed(0)  # LoRA's A is random: compose by hand from the same seed
+    by_hand = add_lora(quantize_model(tiny_llama(0), compute_dtype=torch.float32), "all-linear", r=4, dropout=0.0)
+    torch.manual_seed(0)
+    ours, optimizer = prepare_qlora(tiny_llama(0), r=4, dropout=0.0, compute_dtype=torch.float32,
+                                    gradient_checkpointing=False)
+    ids = ids_for(ours)
+    assert torch.equal(ours(input_ids=ids).logits, by_hand(input_ids=ids).logits)
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    frozen_buffers = {n: b.clone() for n, b in ours.named_buffers()}
+    losses = []
+    for _ in range(5):
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in ours.named_parameters() if n in frozen)
+    assert all(torch.equal(b, frozen_buffers[n]) for n, b in ours.named_buffers())  # the 4-bit codes too
+
+
+def test_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain, _ = prepare_qlora(tiny_llama(0), r=4, dropout=0.0, gradient_checkpointing=False)
+    torch.manual_seed(0)
+    checkpointed, _ = prepare_qlora(tiny_llama(0), r=4, dropout=0.0)
+    grads = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)  # B too: every gradient is nonzero
+        model.train()
+        ids = ids_for(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # recomputing the forward changes no bit
+
+
+def test_the_adapter_saves_in_peft_format_and_loads_on_a_full_precision_base(tmp_path):
+    model, _ = prepare_qlora(tiny_llama(0), r=4, dropout=0.0)
+    for m in lora_layers(model).values():
+        torch.nn.init.normal_(m.lora_B["default"])
+    save_adapter(model, tmp_path)
+    plain = load_adapter(tiny_llama(0), tmp_path)
+    for name, layer in lora_layers(plain).items():
+        theirs = lora_layers(model)[name]
+        assert torch.equal(layer.lora_A["default"], theirs.lora_A["default"])
+        assert torch.equal(layer.lora_B["default"], theirs.lora_B["default"])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(r=0), ValueError, "r must be a positive int, got 0"),
+    (dict(r=33), ValueError, r"r=33 exceeds min\(in_features, out_features\)=32"),
+    (dict(alpha=-1), ValueError, "alpha must be a number > 0"),
+    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    (dict(target_modules=["nope"]), ValueError, "target_modules"),
+    (dict(blocksize=48), ValueError, "blocksize must be a power of two"),
+    (dict(compute_dtype=torch.int8), ValueError, "compute_dtype must be one of"),
+    (dict(lr=-1.0), ValueError, "lr must be a number >= 0.0"),
+    (dict(page_bytes=8), ValueError, "page_bytes must be an int >= 64"),
+])
+def test_bad_input_leaves_the_model_unchanged(kwargs, error, match):
+    model = tiny_llama(0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        prepare_qlora(model, **{"r": 4, **kwargs})
+    assert not any(isinstance(m, (LoRALinear, LinearNF4)) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        prepare_qlora("SmolLM2")
+
+
+@pytest.mark.smollm2
+def test_smollm2_qlora_step_lowers_the_loss(smollm2):
+    model, tokenizer = smollm2
+    model, optimizer = prepare_qlora(copy.deepcopy(model), r=8, dropout=0.0)
+    ids = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
