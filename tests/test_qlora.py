@@ -19,6 +19,17 @@ def ids_for(model, seed=0):
     return torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
+def train(model, optimizer, ids, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def test_the_pieces_are_in_place():
     model, optimizer = prepare_qlora(tiny_llama(0), r=4, dropout=0.0)
     layers = lora_layers(model)
@@ -42,13 +53,7 @@ def test_equals_the_pieces_composed_by_hand_and_trains_only_A_and_B():
     assert torch.equal(ours(input_ids=ids).logits, by_hand(input_ids=ids).logits)
     frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     frozen_buffers = {n: b.clone() for n, b in ours.named_buffers()}
-    losses = []
-    for _ in range(5):
-        loss = ours(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train(ours, optimizer, ids, 5)
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in ours.named_parameters() if n in frozen)
     assert all(torch.equal(b, frozen_buffers[n]) for n, b in ours.named_buffers())  # the 4-bit codes too
@@ -114,11 +119,5 @@ def test_smollm2_qlora_step_lowers_the_loss(smollm2):
     model, tokenizer = smollm2
     model, optimizer = prepare_qlora(copy.deepcopy(model), r=8, dropout=0.0)
     ids = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train(model, optimizer, ids, 3)
     assert losses[-1] < losses[0]
