@@ -6,12 +6,15 @@ Hu et al. 2021 (https://arxiv.org/abs/2106.09685) compare (Tables 5-6: GPT-3 175
     Table 5  which attention weights to adapt at one fixed budget: W_q | W_k | W_v | W_o at r = 8, pairs at
              r = 4, all four at r = 2 (all square in GPT-3, so every cell has the same 18M parameters)
     Table 6  the rank r = 1, 2, 4, 8, 64 for W_q; W_q, W_v; and all four
+and QLoRA's claim (Dettmers et al. 2023) that a 4-bit NF4 base loses nothing against a 16-bit one:
+    qlora    the same LoRA adapters (W_q, W_v and all linear, r = 8) on the fp32 base and on an NF4 + double-
+             quantized base (bf16 compute, paged AdamW)
 and Table 1 (the latency of one GPT-2 medium forward: base, LoRA merged/unmerged, Adapter^L, Adapter^H) comes
 from ``lorabook.latency.latency_table`` with many rounds (``table1``, written to data/lora_table1.json).
 Here every cell is one run of ``python -m lorabook.train`` (the lesson-03 command line: 30 AdamW steps of 8
 examples, exact match on the first 100 test examples), so a cell costs ~4 minutes of one CPU thread:
 
-    python -m lorabook.experiments table2 table5 table6 [--shard 0/2] [--out data/lora_tables.json]
+    python -m lorabook.experiments table2 table5 table6 qlora [--shard 0/2] [--out data/lora_tables.json]
     python -m lorabook.experiments table1 [--rounds 20]      # ~5 minutes; run it on a quiet machine
 
 Runs already in ``--out`` with the same command are skipped, so an interrupted sweep resumes; ``--shard k/n``
@@ -46,11 +49,14 @@ PAPER = {  # WikiSQL validation accuracy (%) with GPT-3 175B, Hu et al. 2021
 RANKS = (1, 2, 4, 8, 64)
 
 
-def lora_run(weights: str, r: int) -> tuple[str, list[str]]:
-    """(run id, CLI arguments) of LoRA on ``weights`` (a key of WEIGHTS) at rank r (alpha 16, lr 3e-3)."""
+def lora_run(weights: str, r: int, method: str = "lora") -> tuple[str, list[str]]:
+    """(run id, CLI arguments) of LoRA on ``weights`` (a key of WEIGHTS) at rank r (alpha 16, lr 3e-3).
+
+    method "qlora": the same adapter on an NF4 + double-quantized base (bf16 compute) with the paged AdamW."""
     short = "all" if weights == "all linear" else "".join(w[-1] for w in weights.split(", "))  # W_q, W_v -> qv
-    return f"lora-{short}-r{r}", ["--method", "lora", "--targets", WEIGHTS[weights], "--rank", str(r),
-                                  "--alpha", "16", "--lr", "3e-3"]
+    extra = ["--optimizer", "paged_adamw"] if method == "qlora" else []
+    return f"{method}-{short}-r{r}", ["--method", method, "--targets", WEIGHTS[weights], "--rank", str(r),
+                                      "--alpha", "16", "--lr", "3e-3", *extra]
 
 
 # Prefix tuning starts from the keys and values of real, task-flavoured tokens (Li & Liang): random prefixes
@@ -77,7 +83,9 @@ def tables() -> dict[str, dict[str, tuple[str, list[str]]]]:
         ("Adapter^L (m=12)", "adapter_l-m12"), ("Prefix (P=40)", "prefix-p40")]})
     t5 = {w: lora_run(w, 8 // len(w.split(", "))) for w in PAPER["table5"]}  # r = 8, 4, 2
     t6 = {f"{w}, r={r}": lora_run(w, r) for w in PAPER["table6"] for r in RANKS}
-    return {"table2": t2, "table5": t5, "table6": t6}
+    qlora = {f"{name} ({w}, r=8)": lora_run(w, 8, method) for w in ("W_q, W_v", "all linear")
+             for name, method in (("LoRA, fp32 base", "lora"), ("QLoRA, NF4 base", "qlora"))}
+    return {"table2": t2, "table5": t5, "table6": t6, "qlora": qlora}
 
 
 def pending_runs(names: list[str], done: dict) -> list[tuple[str, list[str]]]:

@@ -14,8 +14,9 @@ The QLoRA layer (their eq. 5), for every linear layer of the decoder:
     3. gradient checkpointing (non-reentrant, per decoder layer)                      lorabook.models
     4. a ``PagedAdamW`` over the LoRA parameters (lr 2e-4, no weight decay, the paper's) lorabook.paged
 
-and returns ``(model, optimizer)``. Adapters save in PEFT's format (``lorabook.lora_io.save_adapter``) like any
-other LoRA adapter: A and B do not depend on the base being 4-bit.
+and returns ``(model, optimizer)``; ``add_qlora`` is steps 1-3 alone (``python -m lorabook.train --method
+qlora --optimizer paged_adamw``). Adapters save in PEFT's format (``lorabook.lora_io.save_adapter``) like any other
+LoRA adapter: A and B do not depend on the base being 4-bit.
 """
 from __future__ import annotations
 
@@ -29,12 +30,10 @@ from .nf4 import FLOAT_DTYPES, check_blocksize
 from .paged import PagedAdamW
 
 
-def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
-                  target_modules="all-linear", blocksize: int = 64, double_quant: bool = True,
-                  compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = True,
-                  lr: float = 2e-4, weight_decay: float = 0.0, page_bytes: int = 2 ** 20,
-                  budget_bytes: int | None = None) -> tuple[nn.Module, PagedAdamW]:
-    """NF4 base + LoRA + gradient checkpointing + a paged optimizer (see the module docstring); in place.
+def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
+              target_modules="all-linear", blocksize: int = 64, double_quant: bool = True,
+              compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = True) -> nn.Module:
+    """Steps 1-3 (NF4 base, LoRA, checkpointing), in place; returns the model. ``lorabook.train``'s "qlora" method.
 
     target_modules: as ``add_lora`` takes them; "all-linear" = every linear layer but the output head.
     Every argument is checked before the model changes: a bad value raises with the model as it was."""
@@ -44,13 +43,29 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     check_blocksize(blocksize)
     for name in find_targets(model, target_modules):  # raises if target_modules picks nothing
-        _check_lora_args(r, alpha, dropout, *_in_out(model.get_submodule(name)))
-    PagedAdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
-               budget_bytes=budget_bytes)  # raises for bad optimizer settings, before the model changes
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):  # e.g. GPT-2's Conv1D: quantize_model would leave it full precision
+            raise ValueError(f"target {name} is a {type(module).__name__}; QLoRA quantizes nn.Linear layers only")
+        _check_lora_args(r, alpha, dropout, *_in_out(module))
     quantize_model(model, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
     add_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout)
     if gradient_checkpointing:
         enable_checkpointing(model)
+    return model
+
+
+def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
+                  target_modules="all-linear", blocksize: int = 64, double_quant: bool = True,
+                  compute_dtype: torch.dtype = torch.bfloat16, gradient_checkpointing: bool = True,
+                  lr: float = 2e-4, weight_decay: float = 0.0, page_bytes: int = 2 ** 20,
+                  budget_bytes: int | None = None) -> tuple[nn.Module, PagedAdamW]:
+    """NF4 base + LoRA + gradient checkpointing (``add_qlora``) + a ``PagedAdamW`` over A and B; in place.
+
+    Every argument is checked before the model changes."""
+    PagedAdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
+               budget_bytes=budget_bytes)  # raises for bad optimizer settings, before the model changes
+    add_qlora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, blocksize=blocksize,
+              double_quant=double_quant, compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]  # the LoRA A and B matrices
     optimizer = PagedAdamW(trainable, lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
                            budget_bytes=budget_bytes)

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lorabook import baselines, data
+from lorabook import baselines, data, qlora
 from lorabook.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint  # noqa: F401 (re-exported)
+from lorabook.paged import PagedAdamW
 
 SCHEDULES = ("cosine", "constant")
 
@@ -46,13 +47,16 @@ SCHEDULES = ("cosine", "constant")
 # Which parameters train
 
 def methods() -> tuple[str, ...]:
-    """The fine-tuning methods ``prepare`` knows: lora, adapter_h, adapter_l, bitfit, prefix, full."""
-    return tuple(baselines.METHODS)
+    """The fine-tuning methods ``prepare`` knows: lora, adapter_h, adapter_l, bitfit, prefix, full (the seed's
+    Table 2, ``lorabook.baselines``) and qlora (``lorabook.qlora.add_qlora``)."""
+    return (*baselines.METHODS, "qlora")
 
 
 def prepare(model, method: str, **kwargs):
-    """Make ``model`` train with ``method`` (in place; returns it): ``lorabook.baselines.prepare``, the one
-    place that decides which parameters train. kwargs go to the method (e.g. lora: target_modules, r, alpha)."""
+    """Make ``model`` train with ``method`` (in place; returns it): ``lorabook.baselines.prepare``, or for "qlora"
+    ``lorabook.qlora.add_qlora`` (an NF4 base under LoRA). kwargs go to the method (e.g. lora: target_modules, r)."""
+    if method == "qlora":
+        return qlora.add_qlora(model, **kwargs)
     return baselines.prepare(model, method, **kwargs)
 
 
@@ -169,12 +173,20 @@ def _check(name: str, value, kind=int, low=0, strict=True) -> None:
         raise ValueError(f"{name} must be {'a number' if kind is float else 'an int'} {rel} {low}, got {value!r}")
 
 
-def make_optimizer(params: dict, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors)."""
+OPTIMIZERS = ("adamw", "paged_adamw")
+
+
+def make_optimizer(params: dict, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors).
+
+    optimizer: "adamw" (torch's) or "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     decay = [p for p in params.values() if p.dim() >= 2]
     rest = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    kind = PagedAdamW if optimizer == "paged_adamw" else torch.optim.AdamW
+    return kind([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _distributed():
@@ -197,7 +209,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
           eval_every: int = 0, eval_examples: list[dict] | None = None, eval_accuracy: bool = True,
           max_new_tokens: int = 40, checkpoint_dir: Path | str | None = None, checkpoint_every: int = 0,
           resume: bool = False, stop_after: int | None = None, seed: int = 0, log_every: int = 10,
-          progress: bool = True) -> History:
+          progress: bool = True, optimizer: str = "adamw") -> History:
     """Train the trainable parameters of ``model`` for ``steps`` optimizer steps; return the History.
 
     train_data: dataset examples (``data.load_split``) or (prompt, answer) dicts, batched here in a seeded
@@ -205,6 +217,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         DataLoader -- on resume its first batches are skipped, exact if its order is deterministic.
     eval_every: every so many steps (and at the end) record the loss on ``eval_examples`` and, with
         ``eval_accuracy``, their exact-match accuracy by greedy generation.
+    optimizer: "adamw" or "paged_adamw" (QLoRA's paged optimizer; the same updates, state in pages).
     checkpoint_dir: save there at the end (and every ``checkpoint_every`` steps); ``resume=True`` continues
         from its checkpoint and must be given the same settings. stop_after: stop after that step (as if the
         job were killed) while the schedule still runs to ``steps``.
@@ -219,6 +232,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     _check("weight_decay", weight_decay, float, strict=False)
     if max_grad_norm is not None:
         _check("max_grad_norm", max_grad_norm, float)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     if not 0 <= min_lr_ratio <= 1:
@@ -234,14 +249,14 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     examples = isinstance(train_data, (list, tuple)) and "input_ids" not in train_data[0]  # else: batches
     config = dict(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                   weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
-                  min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed)
+                  min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed, optimizer=optimizer)
 
     world, rank, local = _distributed()
     params = trainable_parameters(model)
-    optimizer = make_optimizer(params, lr, weight_decay)
+    opt = make_optimizer(params, lr, weight_decay, optimizer)
     history, start = History(), 0
     if resume:
-        state = load_checkpoint(checkpoint_dir, params, optimizer)
+        state = load_checkpoint(checkpoint_dir, params, opt)
         changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
         if changed:
             raise ValueError(f"resume with different settings than the checkpoint (saved, now): {changed}")
@@ -269,7 +284,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     for step in bar:
         batches = [_to(next_batch(step * grad_accum + k), device) for k in range(grad_accum)]
         step_lr = lr_at(step, lr, steps, warmup_steps, schedule, min_lr_ratio)
-        point = optimizer_step(model, net, batches, optimizer, params, step_lr, max_grad_norm, world)
+        point = optimizer_step(model, net, batches, opt, params, step_lr, max_grad_norm, world)
         for key, value in dict(step=step + 1, lr=step_lr, **point).items():
             getattr(history, key).append(value)
         rate = point["tokens"] / point["seconds"]
@@ -284,8 +299,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
             tqdm.write(f"eval at step {done}: {history.eval[-1]}")
         if rank == 0 and checkpoint_dir is not None and (done == end or checkpoint_every and
                                                          done % checkpoint_every == 0):
-            save_checkpoint(checkpoint_dir, params, optimizer, dict(step=done, config=config,
-                                                                    history=asdict(history)))
+            save_checkpoint(checkpoint_dir, params, opt, dict(step=done, config=config,
+                                                              history=asdict(history)))
     bar.close()
     model.eval()
     return history

@@ -17,11 +17,12 @@ from lorabook.lora import count_trainable
 from lorabook.train import History, _check, _distributed, load_model, methods, prepare, train
 
 OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
-    ("--method", str, "lora", "lora, adapter_h, adapter_l, bitfit, prefix or full"),
+    ("--method", str, "lora", "lora, qlora (NF4 base + LoRA), adapter_h, adapter_l, bitfit, prefix or full"),
     ("--model", str, "smollm2", "smollm2 or tiny (a random 2-layer Llama, for smoke tests)"),
     ("--steps", int, 30, "optimizer steps"), ("--lr", float, 3e-3, "peak learning rate"),
-    ("--rank", int, 8, "lora: rank r"), ("--alpha", float, 16, "lora: alpha (the scale is alpha/r)"),
-    ("--targets", str, "q_proj,v_proj", "lora: comma-separated layer names, or all-linear"),
+    ("--rank", int, 8, "lora/qlora: rank r"), ("--alpha", float, 16, "lora/qlora: alpha (the scale is alpha/r)"),
+    ("--targets", str, "q_proj,v_proj", "lora/qlora: comma-separated layer names, or all-linear"),
+    ("--optimizer", str, "adamw", "adamw or paged_adamw (lorabook.paged: the same updates, state in pages)"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
     ("--prefix-text", str, None, "prefix: start from this text's keys/values (its first n-prefix tokens), not noise"),
     ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),
@@ -52,9 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_kwargs(args, tokenizer=None) -> dict:
     """The CLI options that concern ``args.method``, as ``prepare`` takes them."""
-    if args.method == "lora":
+    if args.method in ("lora", "qlora"):
         targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
-        return dict(target_modules=targets, r=args.rank, alpha=args.alpha)
+        extra = dict(dropout=0.0) if args.method == "qlora" else {}  # qlora's default 0.05; lora's is 0
+        return dict(target_modules=targets, r=args.rank, alpha=args.alpha, **extra)
     if args.method == "prefix" and args.prefix_text is not None:
         ids = tokenizer(args.prefix_text, add_special_tokens=False)["input_ids"]
         if len(ids) < args.n_prefix:
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
                     eval_examples=data.load_split("val", n=args.eval_n) if args.eval_every else None,
                     checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                     stop_after=args.stop_after, seed=args.seed, progress=progress,
-                    log_every=max(1, args.steps // 20))
+                    log_every=max(1, args.steps // 20), optimizer=args.optimizer)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:  # rank 0 scores and reports

@@ -27,6 +27,17 @@ def test_table6_is_ranks_by_weight_sets_like_the_paper():
     assert table["W_q, W_v, r=64"][0] == "lora-qv-r64"
 
 
+def test_qlora_table_pairs_each_adapter_on_both_bases():
+    table = E.tables()["qlora"]
+    pairs = {}
+    for label, (run, args) in table.items():
+        base_free = [a for a in args if a not in ("lora", "qlora", "--optimizer", "paged_adamw")]
+        pairs.setdefault(tuple(base_free), []).append(run)
+    assert sorted(pairs.values()) == [["lora-all-r8", "qlora-all-r8"], ["lora-qv-r8", "qlora-qv-r8"]]
+    assert table["QLoRA, NF4 base (all linear, r=8)"][1][-2:] == ["--optimizer", "paged_adamw"]
+    assert E.tables()["table2"]["LoRA (all linear, r=8)"] == table["LoRA, fp32 base (all linear, r=8)"]  # shared
+
+
 def test_runs_shared_by_tables_run_once_and_finished_runs_are_skipped():
     todo = E.pending_runs(["table5", "table6"], done={})
     ids = [run for run, _ in todo]

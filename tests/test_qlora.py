@@ -109,6 +109,13 @@ def test_bad_input_leaves_the_model_unchanged(kwargs, error, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_conv1d_layers_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match="target transformer.h.0.attn.c_attn is a Conv1D; QLoRA quantizes nn.Linear"):
+        prepare_qlora(gpt2, r=4, target_modules=["c_attn"])
+
+
 def test_not_a_model():
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         prepare_qlora("SmolLM2")

@@ -60,6 +60,25 @@ def test_resume_with_a_stream_of_batches(tmp_path):
     assert h2.loss == h1.loss
 
 
+def test_paged_adamw_trains_bit_for_bit_like_adamw_and_resumes(tmp_path):
+    kw = dict(steps=4, lr=5e-3, batch_size=2, weight_decay=0.1, **SHORT)
+    plain, paged = tiny_lora(), tiny_lora()
+    h1 = T.train(plain, EXAMPLES, TOK, **kw)
+    h2 = T.train(paged, EXAMPLES, TOK, optimizer="paged_adamw", **kw)
+    assert h2.loss == h1.loss and all(torch.equal(p, q) for p, q in zip(plain.parameters(), paged.parameters()))
+    T.train(tiny_lora(), EXAMPLES, TOK, optimizer="paged_adamw", checkpoint_dir=tmp_path, stop_after=2, **kw)
+    resumed = tiny_lora()
+    h3 = T.train(resumed, EXAMPLES, TOK, optimizer="paged_adamw", checkpoint_dir=tmp_path, resume=True, **kw)
+    assert h3.loss == h1.loss and all(torch.equal(p, q) for p, q in zip(plain.parameters(), resumed.parameters()))
+
+
+def test_cli_qlora_with_the_paged_optimizer(capsys):
+    result = T.main(["--model", "tiny", "--method", "qlora", "--targets", "all-linear", "--rank", "4",
+                     "--optimizer", "paged_adamw", "--steps", "2", "--batch-size", "2", "--max-len", "400",
+                     "--eval-n", "2", "--max-new-tokens", "4", "--no-before", "--no-progress"])
+    assert len(result["loss_curve"]) == 2 and "qlora on tiny" in capsys.readouterr().out
+
+
 def test_grad_accumulation_equals_one_big_batch():
     big = T.train(tiny_lora(), EXAMPLES, TOK, steps=3, lr=1e-2, batch_size=4, grad_accum=1, **SHORT)
     acc = T.train(tiny_lora(), EXAMPLES, TOK, steps=3, lr=1e-2, batch_size=2, grad_accum=2, **SHORT)
@@ -129,6 +148,7 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
     (dict(schedule="linear"), "schedule"), (dict(min_lr_ratio=2), "min_lr_ratio"), (dict(stop_after=9), "stop_after"),
     (dict(eval_every=2), "eval_examples"), (dict(resume=True), "checkpoint_dir"),
     (dict(batch_size=100), "batch_size=100 exceeds"), (dict(weight_decay=-1), "weight_decay"),
+    (dict(optimizer="sgd"), "optimizer must be one of \\['adamw', 'paged_adamw'\\], got 'sgd'"),
 ])
 def test_bad_train_arguments(kwargs, arg):
     kw = dict(steps=2, lr=1e-3, batch_size=2, **SHORT) | kwargs
@@ -174,7 +194,8 @@ def test_unknown_method_and_model():
 @pytest.mark.parametrize("method", T.methods())
 def test_every_method_trains_in_the_same_loop(method):
     torch.manual_seed(0)
-    model = T.prepare(tiny_llama(seed=0, vocab_size=len(TOK), max_seq_len=512), method)
+    kwargs = {"qlora": dict(r=4)}.get(method, {})  # its default r=64 exceeds the tiny model's 32-wide k_proj
+    model = T.prepare(tiny_llama(seed=0, vocab_size=len(TOK), max_seq_len=512), method, **kwargs)
     before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     h = T.train(model, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=2, **SHORT)
     assert len(h.loss) == 2 and all(torch.isfinite(torch.tensor(h.loss)))
