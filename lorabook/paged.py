@@ -230,6 +230,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def moments(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(exp_avg, exp_avg_sq) of ``param``, gathered from its pages (wherever they are) into its shape."""
+        if not self.state.get(param):
+            raise ValueError(f"this parameter (shape {tuple(param.shape)}) has no optimizer state yet: step() first")
         pool = self._pool(param)
         pages = [pool.on_device.get((id(param), k), pool.on_host.get((id(param), k))) for k, _, _ in
                  self._pages(param)]
@@ -258,23 +260,23 @@ class PagedAdamW(torch.optim.Optimizer):
         return saved
 
     def load_state_dict(self, state_dict) -> None:
-        """Load a ``state_dict`` of this class or of ``torch.optim.AdamW``: the moments are cut into pages again."""
-        moments = {index: (entry.get("exp_avg"), entry.get("exp_avg_sq"))
-                   for index, entry in state_dict["state"].items()}
-        if any(m is None or v is None for m, v in moments.values()):
-            raise ValueError("state_dict must hold exp_avg and exp_avg_sq for every parameter with state")
-        steps = {index: torch.as_tensor(entry["step"], dtype=torch.float32).clone()  # not shared with the source
-                 for index, entry in state_dict["state"].items()}
-        super().load_state_dict({**state_dict, "state": {index: {"step": step} for index, step in steps.items()}})
-        for group in self.param_groups:  # torch.optim.AdamW's options this class does not implement
+        """Load a ``state_dict`` of this class or of ``torch.optim.AdamW``: the moments are cut into pages again.
+        Everything is checked first: on an error the optimizer is unchanged."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        for group in state_dict["param_groups"]:  # torch.optim.AdamW's options this class does not implement
             unsupported = [name for name in ("amsgrad", "maximize") if group.get(name)]
             if unsupported:
                 raise ValueError(f"state_dict uses AdamW options PagedAdamW does not implement: {unsupported}")
+        for index, entry in state_dict["state"].items():
+            if entry.get("exp_avg") is None or entry.get("exp_avg_sq") is None:
+                raise ValueError("state_dict must hold exp_avg and exp_avg_sq for every parameter with state")
+            shape = params[index].shape if index < len(params) else None
+            if entry["exp_avg"].shape != shape or entry["exp_avg_sq"].shape != shape:
+                raise ValueError(f"state {index}: moments of shape {tuple(entry['exp_avg'].shape)} for a parameter "
+                                 f"of shape {None if shape is None else tuple(shape)}")
+        steps = {index: {"step": torch.as_tensor(entry["step"], dtype=torch.float32).clone()}  # not shared
+                 for index, entry in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": steps})
         self.pools = {}
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, (exp_avg, exp_avg_sq) in moments.items():
-            param = params[index]
-            if exp_avg.shape != param.shape or exp_avg_sq.shape != param.shape:
-                raise ValueError(f"state {index}: moments of shape {tuple(exp_avg.shape)} for a parameter of shape "
-                                 f"{tuple(param.shape)}")
-            self._init_state(param, exp_avg, exp_avg_sq)
+        for index, entry in state_dict["state"].items():
+            self._init_state(params[index], entry["exp_avg"], entry["exp_avg_sq"])

@@ -122,6 +122,12 @@ def test_pool_evicts_the_least_recently_used_page():
     assert pool.stats.page_ins == 2 and pool.stats.page_outs == 2 and pool.stats.peak_device_bytes == 32
 
 
+def test_moments_before_any_step_is_a_clear_error():
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=r"shape \(150, 24\)\) has no optimizer state yet"):
+        PagedAdamW(model.parameters()).moments(model[0].weight)
+
+
 def test_moments_are_torch_adamws():
     ours, theirs = tiny_mlp(), tiny_mlp()
     optimizer = PagedAdamW(ours.parameters(), page_bytes=512, budget_bytes=2048)
@@ -182,8 +188,10 @@ def test_bad_state_dicts():
     model = tiny_mlp()
     reference = torch.optim.AdamW(model.parameters(), amsgrad=True)
     train(model, reference, 1)
+    fresh = PagedAdamW(model.parameters())
     with pytest.raises(ValueError, match=r"does not implement: \['amsgrad'\]"):
-        PagedAdamW(model.parameters()).load_state_dict(roundtrip(reference.state_dict()))
+        fresh.load_state_dict(roundtrip(reference.state_dict()))
+    assert not fresh.state and fresh.param_groups[0].get("amsgrad") is None  # unchanged
     saved = roundtrip(PagedAdamW(model.parameters()).state_dict())  # no state yet: loads fine
     PagedAdamW(model.parameters()).load_state_dict(saved)
     optimizer = PagedAdamW(model.parameters())
