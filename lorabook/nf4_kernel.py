@@ -122,23 +122,33 @@ AVX512 static void avx512_f32(ARGS) {
             __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(eight, eight)), shift);
             _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(idx, values));
         }
-        SCALAR_LOOP(float, as_float))
+        if (2 * j < count) { SCALAR_LOOP(float, as_float) })  /* a partial last block's tail */
 }
 
-#define AVX512_16BIT(NAME, CONVERT)                                                                           \
+/* the 16 fp32 outputs rounded to 16 bits, in the low lanes of a register (vpermw reads 32 lanes; the codes
+   only ever pick lanes 0..15): bf16 by the same round-to-nearest-even as to_bf16, fp16 by the CPU's converter */
+AVX512 static inline __m512i table_bf16(__m512 values) {
+    __m512i u = _mm512_castps_si512(values);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));
+}
+AVX512 static inline __m512i table_f16(__m512 values) {
+    return _mm512_castsi256_si512(_mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+#define AVX512_16BIT(NAME, TABLE, CONVERT)                                                                    \
 AVX512 static void NAME(ARGS) {                                                                               \
     uint16_t* out = out_;                                                                                     \
     FOR_EACH_BLOCK(                                                                                           \
         uint16_t* o = out + start;                                                                            \
-        uint16_t rounded[32] = {0};                      /* the 16 outputs, rounded once (vpermw: 32 lanes) */ \
-        for (int k = 0; k < 16; ++k) rounded[k] = CONVERT(code[k] * absmax[b]);                              \
-        __m512i values = _mm512_loadu_si512(rounded);                                                         \
+        __m512i values = TABLE(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b])));            \
         for (; j + 16 <= count / 2; j += 16)             /* 16 bytes -> 32 values */                          \
             _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(codes_16bit(bytes + j), values));        \
-        SCALAR_LOOP(uint16_t, CONVERT))                                                                       \
+        if (2 * j < count) { SCALAR_LOOP(uint16_t, CONVERT) })  /* a partial last block's tail */            \
 }
-AVX512_16BIT(avx512_bf16, to_bf16)
-AVX512_16BIT(avx512_f16, to_fp16)
+AVX512_16BIT(avx512_bf16, table_bf16, to_bf16)
+AVX512_16BIT(avx512_f16, table_f16, to_fp16)
 static int use_avx512(int simd) {
     return simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }

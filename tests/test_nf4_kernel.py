@@ -53,20 +53,23 @@ def test_kernel_property(n, blocksize, dtype, name, double_quant, simd, seed):
 
 
 @needs_kernel
+@pytest.mark.parametrize("blocksize", [2, 32], ids=["portable-tail", "simd-table"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_hand_rounding_to_16_bits_equals_torch(dtype):
-    """With code = (1, 0, ..., 0) and blocks of two, the kernel outputs each absmax rounded: every rounding path
-    (normal, subnormal, overflow to inf, ties) against torch's ``.to(dtype)`` on 2 million fp32 bit patterns."""
+def test_rounding_to_16_bits_equals_torch(dtype, blocksize):
+    """With code = (1, 0, ..., 0) and all codes 0, every output of a block is its absmax rounded: every rounding
+    path (normal, subnormal, overflow to inf, ties) against torch's ``.to(dtype)`` on up to 2 million fp32 bit
+    patterns. Blocks of 2 take the portable loop's rounding; blocks of 32 the AVX-512 table's (where present)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 2 ** 31 - 1, (1_000_000,), generator=g, dtype=torch.int32).view(torch.float32)
+    n = 1_000_000 if blocksize == 2 else 200_000
+    x = torch.randint(0, 2 ** 31 - 1, (n,), generator=g, dtype=torch.int32).view(torch.float32)
     ties = torch.arange(0x38000000, 0x38000000 + 2 ** 20, 2 ** 12, dtype=torch.int32).view(torch.float32)
     x = torch.cat([x[torch.isfinite(x)], ties, torch.tensor([65504.0, 65519.99, 65520.0, 0.0, 2 ** -25])])
-    x = torch.cat([x, -x])  # (n,) fp32 with both signs
+    x = torch.cat([x, -x])  # (m,) fp32 with both signs
     code = torch.zeros(16)
     code[0] = 1.0
-    out = torch.empty(2 * x.numel(), dtype=dtype)
-    nf4_kernel.dequantize_into(torch.zeros(x.numel(), dtype=torch.uint8), x, code, out, blocksize=2)
-    assert torch.equal(bits(out[0::2]), bits(x.to(dtype)))
+    out = torch.empty(blocksize * x.numel(), dtype=dtype)
+    nf4_kernel.dequantize_into(torch.zeros(out.numel() // 2, dtype=torch.uint8), x, code, out, blocksize=blocksize)
+    assert torch.equal(bits(out.view(-1, blocksize)), bits(x.to(dtype)[:, None].expand(-1, blocksize)))
 
 
 @needs_kernel
