@@ -64,6 +64,7 @@ def _load_all() -> dict[str, Callable[..., list[dict]]]:
     from . import lora_bench  # noqa: F401
     from . import nf4_bench  # noqa: F401  (registers "nf4")
     from . import paged_bench  # noqa: F401  (registers "paged")
+    from . import qlora_bench  # noqa: F401  (registers "qlora-step")
     return registry.BENCHMARKS
 
 

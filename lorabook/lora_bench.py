@@ -88,6 +88,15 @@ def smollm2_shaped(seed: int = 0, quick: bool = False) -> nn.Module:
                       max_seq_len=2048)
 
 
+def step_batch(quick: bool, device) -> tuple[nn.Module, torch.Tensor]:
+    """The training-step benchmarks' model and batch: ``smollm2_shaped(quick)`` on ``device`` and seeded random
+    token ids (2, 128) ((2, 32) if quick)."""
+    base = smollm2_shaped(quick=quick).to(device)
+    shape = (2, 32) if quick else (2, 128)
+    ids = torch.randint(0, base.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+    return base, ids
+
+
 def interleaved(variants: dict[str, tuple[Callable, Callable, Callable]], rounds: int, repeat: int,
                 warmup: int, device) -> dict[str, Timing]:
     """Time each variant's ``fn`` in ``rounds`` interleaved rounds of ``repeat`` calls (``warmup`` more in round 0).
@@ -232,9 +241,8 @@ def _lora_step(quick: bool) -> list[dict]:
     from .memory import measure
 
     dev = _device()
-    base = smollm2_shaped(quick=quick).to(dev)
-    B, T = (2, 32) if quick else (2, 128)
-    ids = torch.randint(0, base.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(dev)
+    base, ids = step_batch(quick, dev)
+    B, T = ids.shape
     targets = ["q_proj", "v_proj"]
     full = copy.deepcopy(base).requires_grad_(True)
     ours = add_lora(copy.deepcopy(base), targets, r=STEP_RANK, alpha=STEP_ALPHA)

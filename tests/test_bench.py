@@ -50,3 +50,11 @@ def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
     assert rows[("16 x 128^2 fp32 step", "torch AdamW foreach=False")]["exact"]
     paging = rows[("16 x 128^2 fp32 step, budget 1/4", "state bytes")]
     assert paging["ratio"] == 1.0 and paging["peak_device_bytes"] <= paging["peer_value"] / 4
+
+
+def test_qlora_step_bench_quick_builds_the_same_model_twice():
+    from lorabook.qlora_bench import qlora_step
+    rows = qlora_step(quick=True)  # a smoke test of the benchmark, not a timing
+    seconds, params = rows
+    assert params["ratio"] == 1.0 and params["lorabook"] > 0  # the same LoRA parameters on both sides
+    assert seconds["loss_diff"] < 1e-3  # the same bf16 weights (bit-exact NF4): only the LoRA arithmetic's order differs
