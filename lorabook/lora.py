@@ -265,13 +265,10 @@ def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, alpha: float = 16,
-             dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = "default") -> nn.Module:
-    """Freeze ``model`` and put a LoRA adapter on each targeted linear layer (in place); returns the model.
-
-    Calling it again with a new ``adapter_name`` adds a second adapter to layers already wrapped.
-    Everything is checked before the model changes (a name used twice, a bad rank for any layer).
-    """
+def check_lora_targets(model: nn.Module, target_modules, r, alpha, dropout, adapter_name: str = "default"
+                       ) -> list[str]:
+    """Check everything ``add_lora`` would do (targets, adapter name, r / alpha / dropout for every layer) without
+    changing the model; return the targeted layer names."""
     names = find_targets(model, target_modules)
     check_adapter_name(adapter_name)
     for name in names:
@@ -281,6 +278,17 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
                              f"adapters on this model: {adapter_names(model)}")
         in_out = (module.in_features, module.out_features) if isinstance(module, LoRALinear) else _in_out(module)
         _check_lora_args(r, alpha, dropout, *in_out)
+    return names
+
+
+def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, alpha: float = 16,
+             dropout: float = 0.0, use_rslora: bool = False, adapter_name: str = "default") -> nn.Module:
+    """Freeze ``model`` and put a LoRA adapter on each targeted linear layer (in place); returns the model.
+
+    Calling it again with a new ``adapter_name`` adds a second adapter to layers already wrapped.
+    Everything is checked before the model changes (a name used twice, a bad rank for any layer).
+    """
+    names = check_lora_targets(model, target_modules, r, alpha, dropout, adapter_name)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

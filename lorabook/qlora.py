@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .linear_nf4 import quantize_model
-from .lora import _check_lora_args, _in_out, add_lora, find_targets
+from .lora import add_lora, check_lora_targets
 from .models import enable_checkpointing
 from .nf4 import FLOAT_DTYPES, check_blocksize
 from .paged import PagedAdamW
@@ -42,11 +42,10 @@ def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float =
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     check_blocksize(blocksize)
-    for name in find_targets(model, target_modules):  # raises if target_modules picks nothing
+    for name in check_lora_targets(model, target_modules, r, alpha, dropout):  # add_lora's checks, run first
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):  # e.g. GPT-2's Conv1D: quantize_model would leave it full precision
             raise ValueError(f"target {name} is a {type(module).__name__}; QLoRA quantizes nn.Linear layers only")
-        _check_lora_args(r, alpha, dropout, *_in_out(module))
     quantize_model(model, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
     add_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout)
     if gradient_checkpointing:

@@ -176,12 +176,16 @@ def _check(name: str, value, kind=int, low=0, strict=True) -> None:
 OPTIMIZERS = ("adamw", "paged_adamw")
 
 
+def _check_optimizer(optimizer) -> None:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+
+
 def make_optimizer(params: dict, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors).
 
     optimizer: "adamw" (torch's) or "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages)."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    _check_optimizer(optimizer)
     decay = [p for p in params.values() if p.dim() >= 2]
     rest = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -232,8 +236,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     _check("weight_decay", weight_decay, float, strict=False)
     if max_grad_norm is not None:
         _check("max_grad_norm", max_grad_norm, float)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    _check_optimizer(optimizer)  # before anything starts (make_optimizer runs after torch.distributed starts)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     if not 0 <= min_lr_ratio <= 1:
