@@ -1,18 +1,35 @@
 """lorabook: parameter-efficient fine-tuning, built for real and taught in notebooks.
 
-One concept per module (see ../shared/DESIGN.md in the project for the map):
-``models`` (the base model), ``memory`` (what training costs), ``timing`` (one timer),
-``teach`` (show source, exercise checks, student copies), ``bench`` (lorabook vs its peer).
+The package, by role (each subpackage's docstring maps its modules)::
+
+    models       the base model (SmolLM2, offline), tiny_llama for tests, chat, perplexity
+    data         the text-to-SQL task in data/, chat formatting, batching, exact match
+    timing       one timer: CUDA events on a GPU, perf_counter on the CPU
+    memory/      where training memory goes: estimate, activations, measure, the seed's numbers, widgets
+    lora/        the LoRA layer, LoRA on a model, PEFT's file format
+    baselines    Adapter^H, Adapter^L, BitFit, prefix tuning, full fine-tuning (the seed's Table 2)
+    latency      the seed's Table 1: inference latency of LoRA vs adapters
+    quant/       NF4 / FP4 / INT4, double quantization, LinearNF4, the compiled CPU dequantize
+    paged        PagedAdamW: optimizer state in pages under a device budget
+    qlora        add_qlora / prepare_qlora: NF4 base + LoRA + checkpointing + paged AdamW
+    train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``
+    experiments/ the sweeps behind the notebooks' tables -> data/
+    bench/       ``python -m lorabook.bench NAME``: lorabook vs its peer in the same run
+    teach/       show source, exercise checks, student copies, Colab: ``python -m lorabook.teach``
+
+Importing lorabook imports none of these and changes no other library's state.
 """
 from __future__ import annotations
 
 import torch
 
 __version__ = "0.1.0"
+__all__ = ["device", "__version__"]
 
 
 def device() -> torch.device:
-    """The best device here: CUDA, then Apple's MPS, then the CPU."""
+    """The best device here, the one every lorabook demo, timer and benchmark uses: CUDA, then Apple's MPS,
+    then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)

@@ -52,18 +52,17 @@ import sys
 
 import torch
 import torch.nn as nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
-from lorabook import lora
+from . import _checks, lora
 
 _FAMILIES = {"llama": ("model", "layers", "self_attn"), "gpt2": ("transformer", "h", "attn")}  # body, layers, attn
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def _arch(model) -> tuple[str, nn.ModuleList, str]:
-    """(family, decoder layers, attention attribute) of a supported causal LM; anything else is a ValueError."""
+    """(family, decoder layers, attention attribute) of a supported causal LM; another model is a ValueError, a
+    non-model (a str, None) a TypeError."""
+    _checks.module("model", model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     body = _FAMILIES.get(model_type, (None,))[0]
     if body is None or not hasattr(model, body) or not hasattr(model, "get_output_embeddings"):
@@ -73,15 +72,9 @@ def _arch(model) -> tuple[str, nn.ModuleList, str]:
     return model_type, getattr(getattr(model, body), layers), attn
 
 
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_init_std(init_std) -> None:
-    if init_std is not None and not (isinstance(init_std, (int, float)) and init_std > 0):
-        raise ValueError(f"init_std must be None or a float > 0, got {init_std!r}")
+    if init_std is not None:
+        _checks.number("init_std", init_std, low=0, low_open=True)
 
 
 def _freeze(model: nn.Module) -> None:
@@ -131,7 +124,7 @@ def _add_adapters(model, blocks: list[nn.Module], make) -> None:
 
 
 def _check_adapter_args(bottleneck, activation, init_std) -> None:
-    _positive_int("bottleneck", bottleneck)
+    _checks.positive_int("bottleneck", bottleneck)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _check_init_std(init_std)
@@ -238,6 +231,7 @@ def _prefix_attention(module, query, key, value, attention_mask, *, wrapped: str
     key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)  # (b, n_kv, P + kv, hd)
     mask = _widen_mask(attention_mask, pk.shape[2], q_len, kv_len, query.device)
     if wrapped == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if mask.dtype == torch.bool:  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
@@ -246,9 +240,16 @@ def _prefix_attention(module, query, key, value, attention_mask, *, wrapped: str
     return eager(module, query, key, value, mask, **kwargs)
 
 
-for _wrapped, _name in _PREFIX_IMPLS.items():
-    AttentionInterface.register(_name, functools.partial(_prefix_attention, wrapped=_wrapped))
-    AttentionMaskInterface.register(_name, ALL_MASK_ATTENTION_FUNCTIONS[_wrapped])  # the wrapped one's masks
+def register_prefix_attention() -> None:
+    """Register the prefix-tuning attention functions in transformers' registries (``AttentionInterface``), under
+    the names in ``_PREFIX_IMPLS``. Called by ``add_prefix_tuning``, never at import: importing lorabook changes
+    no other library's state. Registering again is harmless (the same functions under the same names)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    for wrapped, name in _PREFIX_IMPLS.items():
+        AttentionInterface.register(name, functools.partial(_prefix_attention, wrapped=wrapped))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])  # the wrapped one's masks
 
 
 def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = None, init_std: float = 1.0,
@@ -257,11 +258,10 @@ def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = No
 
     init_ids: (n_prefix,) token ids whose keys and values (the model's own, at positions 0..P-1) start the prefix
     instead of N(0, init_std²) noise -- Li & Liang's initialisation from real words' activations."""
-    _positive_int("n_prefix", n_prefix)
+    _checks.positive_int("n_prefix", n_prefix)
     if reparam_hidden is not None:
-        _positive_int("reparam_hidden", reparam_hidden)
-    if not (isinstance(init_std, (int, float)) and init_std > 0):
-        raise ValueError(f"init_std must be a float > 0, got {init_std!r}")
+        _checks.positive_int("reparam_hidden", reparam_hidden)
+    _checks.number("init_std", init_std, low=0, low_open=True)
     _arch(model)
     if hasattr(model, "prefix_tuning"):
         raise ValueError("model already has prefix_tuning: add it to a fresh model")
@@ -278,6 +278,7 @@ def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = No
     c = model.config
     n_kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    register_prefix_attention()
     _freeze(model)
     ref = next(model.parameters())
     model.prefix_tuning = PrefixTuning(c.num_hidden_layers, n_kv, head_dim, n_prefix, c.hidden_size,
@@ -307,15 +308,15 @@ def full_finetune(model):
     return model
 
 
-METHODS = {"lora": lora.add_lora, "adapter_h": add_adapter_houlsby, "adapter_l": add_adapter_lin,
+PREPARE_FUNCTIONS = {"lora": lora.add_lora, "adapter_h": add_adapter_houlsby, "adapter_l": add_adapter_lin,
            "bitfit": add_bitfit, "prefix": add_prefix_tuning, "full": full_finetune}
 
 
 def prepare(model, method: str, **kwargs):
-    """Set ``model`` up for fine-tuning with ``method`` (a key of METHODS) in place; returns it."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; methods: {sorted(METHODS)}")
-    fn = METHODS[method]
+    """Set ``model`` up for fine-tuning with ``method`` (a key of PREPARE_FUNCTIONS) in place; returns it."""
+    if method not in PREPARE_FUNCTIONS:
+        raise ValueError(f"unknown method {method!r}; methods: {sorted(PREPARE_FUNCTIONS)}")
+    fn = PREPARE_FUNCTIONS[method]
     allowed = list(inspect.signature(fn).parameters)[1:]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

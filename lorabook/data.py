@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import write_file
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SPLITS = {"train": 2000, "val": 200, "test": 200}  # examples per split
 SEED = 0
@@ -204,10 +206,8 @@ def write_splits(out_dir: Path | str = DATA_DIR, seed: int = SEED) -> dict[str, 
     paths = {}
     for name, examples in generate(seed).items():
         path = out_dir / f"sql_{name}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(to_jsonl(examples))
-        tmp.replace(path)
-        paths[name] = path
+        body = to_jsonl(examples)
+        paths[name] = write_file(path, lambda tmp: tmp.write_bytes(body))
     return paths
 
 

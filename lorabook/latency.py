@@ -11,31 +11,18 @@ in interleaved rounds, so a change in the machine's load hits them all.
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 import torch.nn as nn
 
-from lorabook.baselines import _positive_int, prepare
-from lorabook import lora
-from lorabook.timing import Timing, benchmark
+from . import _checks, lora
+from .baselines import prepare
+from .bench.harness import gpt2_config, gpt2_model, interleaved
 
 PAPER_SHAPES = ((32, 512), (16, 256), (1, 128))  # (batch, seq) of Table 1's columns
 PAPER_BUDGETS = (0.5e6, 11e6, 11e6)  # its |Θ| row: trainable parameters of the adapter / LoRA in each column
 CPU_SHAPES = ((4, 64), (2, 32), (1, 16))  # batch and sequence both / 8: seconds, not minutes, on a CPU
 LATENCY_METHODS = ("base", "lora_merged", "lora", "adapter_l", "adapter_h")
-
-
-def gpt2_config(config="gpt2-medium"):
-    """A GPT2Config: "gpt2-medium" (L 24, d 1024, 16 heads, 355M), "gpt2" (L 12, d 768), or one passed in."""
-    from transformers import GPT2Config
-
-    sizes = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12), "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16)}
-    if isinstance(config, GPT2Config):
-        return config
-    if config not in sizes:
-        raise ValueError(f"config must be one of {sorted(sizes)} or a GPT2Config, got {config!r}")
-    return GPT2Config(**sizes[config])
 
 
 def size_for_budget(method: str, config, budget: float) -> int:
@@ -91,13 +78,13 @@ def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, meth
     short rounds beat a few long ones.
     Rows: method, batch, seq, size (m or r), trainable (|Θ|), ms (median), iqr_ms, overhead_pct (vs base).
     """
-    from transformers import GPT2LMHeadModel
+    import lorabook
 
     cfg = gpt2_config(config)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else lorabook.device()
     shapes = tuple(shapes) if shapes is not None else (PAPER_SHAPES if dev.type == "cuda" else CPU_SHAPES)
     for b, s in shapes:
-        _positive_int("batch", b), _positive_int("seq", s)
+        _checks.positive_int("batch", b), _checks.positive_int("seq", s)
         if s > cfg.n_positions:
             raise ValueError(f"seq {s} exceeds the config's n_positions {cfg.n_positions}")
     if len(budgets) != len(shapes):
@@ -107,26 +94,22 @@ def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, meth
     if bad or "base" not in methods:
         raise ValueError(f"methods must include 'base' and come from {LATENCY_METHODS}, got {methods}")
     for name, value in (("repeat", repeat), ("rounds", rounds)):
-        _positive_int(name, value)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base = GPT2LMHeadModel(cfg).eval().to(dev)
-        inputs = [torch.randint(0, cfg.vocab_size, shape, device=dev) for shape in shapes]
+        _checks.positive_int(name, value)
+    base = gpt2_model(cfg, seed).to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = [torch.randint(0, cfg.vocab_size, shape, generator=gen).to(dev) for shape in shapes]
     rows = []
     for (b, s), budget, x in zip(shapes, budgets, inputs):
         sizes = {m: 0 if m == "base" else size_for_budget(m, cfg, budget) for m in methods}
         variants = {m: _variant(base, m, sizes[m]) for m in methods}
         models = {m: model.eval() for m, (model, _) in variants.items()}
-        times = {m: [] for m in methods}
-        with torch.no_grad():
-            for r in range(rounds):
-                for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # rotate: no method always first
-                    t = benchmark(lambda: models[m](x, use_cache=False), warmup=warmup if r == 0 else 0,
-                                  repeat=repeat, device=dev)
-                    times[m] += t.times
-        base_ms = statistics.median(times["base"]) * 1e3
+        forward = lambda model: lambda: model(x, use_cache=False)  # noqa: E731
+        with torch.no_grad():  # rounds rotate: no method always runs first, or right after the same other one
+            timings = interleaved({m: (None, forward(models[m]), None) for m in methods}, rounds=rounds,
+                                  repeat=repeat, warmup=warmup, device=dev)
+        base_ms = timings["base"].median * 1e3
         for m in methods:
-            t = Timing(times=times[m], device=str(dev))
+            t = timings[m]
             rows.append(dict(method=m, batch=b, seq=s, size=sizes[m], trainable=variants[m][1], ms=t.median * 1e3,
                              iqr_ms=t.iqr * 1e3, overhead_pct=100 * (t.median * 1e3 / base_ms - 1)))
         variants = models = None  # free this shape's copies (a merged one holds its own weights) first

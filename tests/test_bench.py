@@ -4,6 +4,7 @@ import math
 import pytest
 
 from lorabook import bench
+from lorabook.bench import __main__ as bench_cli
 
 
 def test_row_ratio_is_lorabook_over_peer():
@@ -15,28 +16,28 @@ def test_row_ratio_is_lorabook_over_peer():
 
 def test_json_output_has_the_documented_shape(capsys, monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
-    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
-    assert bench.main(["toy", "--json"]) == 0
+    monkeypatch.setattr(bench_cli, "load_all", lambda: bench.BENCHMARKS)
+    assert bench_cli.main(["toy", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["benchmark"] == "toy" and out["device"] == "cpu" and out["rows"][0]["ratio"] == 0.5
 
 
 def test_table_output(capsys, monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
-    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
-    bench.main(["toy"])
+    monkeypatch.setattr(bench_cli, "load_all", lambda: bench.BENCHMARKS)
+    bench_cli.main(["toy"])
     assert "ratio" in capsys.readouterr().out
 
 
 def test_unknown_benchmark_names_the_choices(capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_load_all", lambda: bench.BENCHMARKS)
+    monkeypatch.setattr(bench_cli, "load_all", lambda: bench.BENCHMARKS)
     with pytest.raises(SystemExit):
-        bench.main(["nope"])
+        bench_cli.main(["nope"])
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
 def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
-    from lorabook.nf4_bench import nf4_bench
+    from lorabook.bench.nf4 import nf4_bench
     rows = nf4_bench(quick=True)  # 512 x 512: a smoke test of the benchmark, not a timing
     dequantize = [r for r in rows if r["case"].endswith("dequantize") and r["metric"] == "seconds"]
     assert {r["peer"] for r in dequantize} >= {"lorabook pytorch path", "naive byte lookup"}
@@ -45,7 +46,7 @@ def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
 
 
 def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
-    from lorabook.paged_bench import paged_bench
+    from lorabook.bench.paged import paged_bench
     rows = {(r["case"], r["peer"]): r for r in paged_bench(quick=True)}  # a smoke test, not a timing
     assert rows[("16 x 128^2 fp32 step", "torch AdamW foreach=False")]["exact"]
     paging = rows[("16 x 128^2 fp32 step, budget 1/4", "state bytes")]
@@ -53,7 +54,7 @@ def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
 
 
 def test_qlora_step_bench_quick_builds_the_same_model_twice():
-    from lorabook.qlora_bench import qlora_step
+    from lorabook.bench.qlora import qlora_step
     rows = qlora_step(quick=True)  # a smoke test of the benchmark, not a timing
     seconds, params = rows
     assert params["ratio"] == 1.0 and params["lorabook"] > 0  # the same LoRA parameters on both sides

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook import double_quant as dq
-from lorabook.nf4 import dequantize_4bit, quantize_4bit
+from lorabook.quant import double_quant as dq
+from lorabook.quant.nf4 import dequantize_4bit, quantize_4bit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # bitsandbytes warns about an optional CPU kernel package

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from lorabook import experiments as E
-from lorabook.train_cli import main as train_main
+from lorabook.experiments import __main__ as experiments_cli
+from lorabook.train.__main__ import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,11 +54,11 @@ def test_unknown_table_and_bad_shard_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown table\(s\) \['table9'\]"):
         E.pending_runs(["table9"], {})
     with pytest.raises(ValueError, match="--shard must be k/n"):
-        E.main(["table5", "--shard", "2/2", "--out", str(tmp_path / "r.json"), "--dry-run"])
+        experiments_cli.main(["table5", "--shard", "2/2", "--out", str(tmp_path / "r.json"), "--dry-run"])
 
 
 def test_dry_run_lists_every_nth_pending_run(tmp_path, capsys):
-    E.main(["table5", "--shard", "1/3", "--out", str(tmp_path / "r.json"), "--dry-run"])
+    experiments_cli.main(["table5", "--shard", "1/3", "--out", str(tmp_path / "r.json"), "--dry-run"])
     ids = [run for run, _ in E.pending_runs(["table5"], {})][1::3]
     assert capsys.readouterr().out.startswith(f"{len(ids)} run(s) to do in shard 1/3: {ids}")
     assert not (tmp_path / "r.json").exists()

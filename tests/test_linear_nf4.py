@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorabook.linear_nf4 import LinearNF4, quantize_model
+from lorabook.quant import LinearNF4, quantize_model
 from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers, merge_lora, merged_adapter
 from lorabook.models import chat
-from lorabook.nf4 import dequantize_4bit, quantize_4bit
+from lorabook.quant.nf4 import dequantize_4bit, quantize_4bit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # bitsandbytes warns about an optional CPU kernel package
@@ -111,7 +111,7 @@ def test_bf16_compute_with_fp32_adapters():
 def test_merging_into_a_4bit_base_is_a_clear_error(tiny):
     model = add_lora(quantize_model(tiny), ["q_proj", "v_proj"], r=2)
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
-    with pytest.raises(ValueError, match="cannot merge a LoRA adapter into a 4-bit LinearNF4 base"):
+    with pytest.raises(ValueError, match="cannot merge a LoRA adapter into a LinearNF4 base: W0 \\+ ΔW has no exact NF4 form"):
         layer.merge()
     with pytest.raises(ValueError, match="cannot merge"):
         merge_lora(model)
@@ -161,7 +161,7 @@ def test_bad_input():
     q = quantize_4bit(torch.randn(64, 32))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         LinearNF4.from_linear(nn.Conv1d(4, 4, 1))
-    with pytest.raises(TypeError, match="weight must be a lorabook.nf4.QuantizedTensor"):
+    with pytest.raises(TypeError, match="weight must be a lorabook.quant.nf4.QuantizedTensor"):
         LinearNF4(torch.randn(64, 32))
     with pytest.raises(ValueError, match="weight must be 2-D"):
         LinearNF4(quantize_4bit(torch.randn(64)))
@@ -175,5 +175,5 @@ def test_bad_input():
         quantize_model(nn.Linear(32, 64))
     with pytest.raises(ValueError, match="skip must be a tuple of module names"):
         quantize_model(nn.Sequential(nn.Linear(32, 64)), skip="0")
-    with pytest.raises(ValueError, match="base must be an nn.Linear, a transformers Conv1D or a lorabook LinearNF4"):
+    with pytest.raises(ValueError, match="base must be an nn.Linear, a transformers Conv1D or a layer with a lora_base_layer"):
         LoRALinear(nn.Conv1d(4, 4, 1))

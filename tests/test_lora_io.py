@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from lorabook import lora_io
+from lorabook.lora import peft_format as lora_io
 from lorabook.lora import add_lora, adapter_names, lora_layers, merge_lora, set_adapter
-from lorabook.lora_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorabook.lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lorabook.models import tiny_llama
 from test_lora import randomize_B, tiny_gpt2
 
@@ -236,8 +236,9 @@ def test_bad_arguments(tmp_path):
 
 
 def test_lora_benchmarks_quick_run():
-    """The benchmarks (lorabook.lora_bench) run and report what they promise; times are not asserted."""
-    from lorabook import bench, lora_bench
+    """The benchmarks (lorabook.bench.lora) run and report what they promise; times are not asserted."""
+    from lorabook import bench
+    from lorabook.bench import lora as lora_bench
 
     assert bench.BENCHMARKS["lora-latency"] is lora_bench.lora_latency
     threads = torch.get_num_threads()

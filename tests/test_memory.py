@@ -9,7 +9,8 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lorabook import activations, memory  # noqa: E402
+from lorabook import memory
+from lorabook.memory import activations  # noqa: E402
 from lorabook.lora import add_lora  # noqa: E402
 from lorabook.memory import KNOWN_MODELS, ModelSpec, estimate  # noqa: E402
 from lorabook.models import tiny_llama  # noqa: E402
@@ -281,9 +282,9 @@ def test_measure_bad_input(tiny):
 
 
 def test_bench_quick_rows():
-    from lorabook.bench import BENCHMARKS
+    from lorabook.bench.memory import bench_memory
 
-    rows = BENCHMARKS["memory"](quick=True)
+    rows = bench_memory(quick=True)
     assert len(rows) == 4 and all(r["metric"] == "bytes" and 0.9 <= r["ratio"] <= 1.1 for r in rows)
 
 

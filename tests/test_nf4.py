@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook import nf4, nf4_kernel
-from lorabook.nf4 import QuantizedTensor, dequantize_4bit, quantize_4bit
+from lorabook.quant import cpu_kernel as nf4_kernel, nf4
+from lorabook.quant.nf4 import QuantizedTensor, dequantize_4bit, quantize_4bit
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # bitsandbytes warns about an optional CPU kernel package
@@ -343,17 +343,16 @@ def test_int8_absmax_bad_input():
         nf4.dequantize_int8_absmax(torch.ones(3), torch.tensor(1.0))
 
 
-def test_nearest_code_wants_fp32_and_linear_nf4_is_reachable_from_nf4():
+def test_nearest_code_wants_fp32_and_linear_nf4_is_in_the_quant_package():
     with pytest.raises(TypeError, match="scaled must be a float32 tensor"):
         nf4.nearest_code(torch.zeros(4, dtype=torch.bfloat16))
-    from lorabook.linear_nf4 import LinearNF4
-    assert nf4.LinearNF4 is LinearNF4  # the design's module map lists it under lorabook.nf4
-    with pytest.raises(AttributeError):
-        nf4.LinearNF5
+    import lorabook.quant
+    from lorabook.quant.linear import LinearNF4
+    assert lorabook.quant.LinearNF4 is LinearNF4  # the design's module map lists it under quant/
 
 
 def test_the_benchmarks_naive_peers_compute_the_same_thing():
-    from lorabook.nf4_bench import naive_dequantize, naive_quantize
+    from lorabook.bench.nf4 import naive_dequantize, naive_quantize
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     q = quantize_4bit(w)
     packed, absmax = naive_quantize(w)

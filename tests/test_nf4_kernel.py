@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook import nf4, nf4_kernel
-from lorabook.nf4 import codebook, dequantize_4bit, quantize_4bit
+from lorabook.quant import cpu_kernel as nf4_kernel, nf4
+from lorabook.quant.nf4 import codebook, dequantize_4bit, quantize_4bit
 
 needs_kernel = pytest.mark.skipif(not nf4_kernel.available(), reason=f"no compiled kernel: {nf4_kernel.reason()}")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from lorabook.linear_nf4 import LinearNF4, quantize_model
+from lorabook.quant import LinearNF4, quantize_model
 from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers
-from lorabook.lora_io import load_adapter, save_adapter
+from lorabook.lora import load_adapter, save_adapter
 from lorabook.models import tiny_llama
 from lorabook.paged import PagedAdamW
 from lorabook.qlora import prepare_qlora
@@ -92,12 +92,12 @@ def test_the_adapter_saves_in_peft_format_and_loads_on_a_full_precision_base(tmp
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(r=0), ValueError, "r must be a positive int, got 0"),
     (dict(r=33), ValueError, r"r=33 exceeds min\(in_features, out_features\)=32"),
-    (dict(alpha=-1), ValueError, "alpha must be a number > 0"),
-    (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+    (dict(alpha=-1), ValueError, "alpha must be a finite number > 0"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0, 1\)"),
     (dict(target_modules=["nope"]), ValueError, "target_modules"),
     (dict(blocksize=48), ValueError, "blocksize must be a power of two"),
     (dict(compute_dtype=torch.int8), ValueError, "compute_dtype must be one of"),
-    (dict(lr=-1.0), ValueError, "lr must be a number >= 0.0"),
+    (dict(lr=-1.0), ValueError, "lr must be a finite number >= 0"),
     (dict(page_bytes=8), ValueError, "page_bytes must be an int >= 64"),
 ])
 def test_bad_input_leaves_the_model_unchanged(kwargs, error, match):
@@ -117,7 +117,7 @@ def test_conv1d_layers_are_refused():
 
 
 def test_not_a_model():
-    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+    with pytest.raises(TypeError, match="model must be a torch nn.Module, got str"):
         prepare_qlora("SmolLM2")
 
 

@@ -14,8 +14,9 @@ import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 import lorabook.timing
-from lorabook import notebook_tools as nt
+from lorabook.teach import notebooks as nt
 from lorabook import teach
+from lorabook.teach import __main__ as teach_cli
 from lorabook.teach import NOT_IMPLEMENTED, check, colab_cells, show, source
 
 # ------------------------------------------------------------------------------------------------------------
@@ -62,14 +63,14 @@ def executed(nb):
 
 
 def cli(capsys, *argv):
-    rc = teach.main(list(map(str, argv)))
+    rc = teach_cli.main(list(map(str, argv)))
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
 def cli_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
-        teach.main(list(map(str, argv)))
+        teach_cli.main(list(map(str, argv)))
     assert e.value.code == 2
     return capsys.readouterr().err
 
@@ -308,7 +309,7 @@ def test_colab_command_is_idempotent_and_lint_catches_a_stale_repo(tmp_path, mon
     assert cells[2].metadata["tags"] == ["colab-setup"]  # right before the first code cell
     assert cli(capsys, "colab", path)[1].endswith("Colab cells up to date (lorabook/lorabook@main)\n")
     assert path.read_text() == first
-    monkeypatch.setattr(teach, "REPO", "someone/else")
+    monkeypatch.setattr(teach.colab, "REPO", "someone/else")
     problems = nt.lint_colab(nbformat.reads(first, as_version=4), "01_sums")
     assert problems and all("stale" in p and "someone/else@main" in p for p in problems)
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from lorabook import data, train as T
+from lorabook.train import __main__ as train_cli
 from lorabook.lora import add_lora
 from lorabook.models import tiny_llama
 
@@ -73,7 +74,7 @@ def test_paged_adamw_trains_bit_for_bit_like_adamw_and_resumes(tmp_path):
 
 
 def test_cli_qlora_with_the_paged_optimizer(capsys):
-    result = T.main(["--model", "tiny", "--method", "qlora", "--targets", "all-linear", "--rank", "4",
+    result = train_cli.main(["--model", "tiny", "--method", "qlora", "--targets", "all-linear", "--rank", "4",
                      "--optimizer", "paged_adamw", "--steps", "2", "--batch-size", "2", "--max-len", "400",
                      "--eval-n", "2", "--max-new-tokens", "4", "--no-before", "--no-progress"])
     assert len(result["loss_curve"]) == 2 and "qlora on tiny" in capsys.readouterr().out
@@ -132,7 +133,7 @@ def test_eval_points(tmp_path):
 
 def test_cli_on_the_tiny_model(tmp_path, capsys):
     out = tmp_path / "r.json"
-    result = T.main(["--model", "tiny", "--steps", "3", "--batch-size", "2", "--max-len", "400", "--eval-n", "2",
+    result = train_cli.main(["--model", "tiny", "--steps", "3", "--batch-size", "2", "--max-len", "400", "--eval-n", "2",
                      "--no-progress", "--out", str(tmp_path / "ck"), "--results", str(out)])
     assert json.loads(out.read_text())["loss_curve"] == result["loss_curve"] and len(result["loss_curve"]) == 3
     assert "exact match on 2 test examples" in capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_resume_without_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(tiny_lora(), EXAMPLES, TOK, steps=2, checkpoint_dir=tmp_path, resume=True, **SHORT)
     with pytest.raises(FileNotFoundError, match="--resume needs a checkpoint"):
-        T.main(["--model", "tiny", "--steps", "2", "--out", str(tmp_path), "--resume"])
+        train_cli.main(["--model", "tiny", "--steps", "2", "--out", str(tmp_path), "--resume"])
 
 
 def test_resume_with_other_settings_or_another_model(tmp_path):
@@ -186,7 +187,7 @@ def test_unknown_method_and_model():
     with pytest.raises(ValueError, match="method 'dora'"):
         T.prepare(tiny_llama(), "dora")
     with pytest.raises(ValueError, match="unknown method 'dora'"):
-        T.main(["--method", "dora", "--model", "tiny"])
+        train_cli.main(["--method", "dora", "--model", "tiny"])
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         T.load_model("gpt5")
 
@@ -220,7 +221,7 @@ def test_torchrun_with_two_cpu_processes(tmp_path):
 def test_cli_prefix_from_text(capsys):
     common = ["--model", "tiny", "--method", "prefix", "--n-prefix", "6", "--steps", "1", "--batch-size", "2",
               "--max-len", "400", "--eval-n", "1", "--max-new-tokens", "2", "--no-before", "--no-progress"]
-    result = T.main(common + ["--prefix-text", "SELECT name FROM"])  # 16 bytes: the byte tokenizer's 16 tokens
+    result = train_cli.main(common + ["--prefix-text", "SELECT name FROM"])  # 16 bytes: the byte tokenizer's 16 tokens
     assert result["trainable_params"] == 2 * 2 * 6 * 2 * 16  # 2 layers · (K, V) · P · n_kv · head_dim
     with pytest.raises(ValueError, match="--prefix-text has 3 tokens, fewer than --n-prefix 6"):
-        T.main(common + ["--prefix-text", "abc"])
+        train_cli.main(common + ["--prefix-text", "abc"])

@@ -1,7 +1,7 @@
 """Double quantization: the absmax of every 4-bit block quantized again (QLoRA, Dettmers et al. 2023, sec. 3,
 https://arxiv.org/abs/2305.14314).
 
-Blockwise 4-bit quantization (``lorabook.nf4``) stores one fp32 absmax per block of 64 weights: 32 / 64 = 0.5 extra
+Blockwise 4-bit quantization (``lorabook.quant.nf4``) stores one fp32 absmax per block of 64 weights: 32 / 64 = 0.5 extra
 bits per parameter. QLoRA quantizes those constants a second time:
 
     c2  = mean(absmax)                                    one fp32 offset          ()
@@ -157,7 +157,7 @@ def double_dequantize(state: DoubleQuantState) -> torch.Tensor:
 # ---- bits per parameter -------------------------------------------------------------------------------------
 
 def bits_per_parameter(q, constants_only: bool = False) -> float:
-    """Bits per weight, measured from the bytes a ``lorabook.nf4.QuantizedTensor`` actually stores.
+    """Bits per weight, measured from the bytes a ``lorabook.quant.nf4.QuantizedTensor`` actually stores.
 
     constants_only: count only the block constants (absmax, or its double-quantized form), not the 4-bit codes --
     the number the seed compares: 0.5 at blocksize 64, ≈ 0.127 with double quantization."""

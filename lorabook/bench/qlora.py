@@ -19,9 +19,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .bench import register, row
-from .lora_bench import _device, _nothing, _threads, interleaved, paired_ratio, step_batch
-from .qlora import add_qlora
+from . import register, row
+from .harness import bench_device, interleaved, nothing, paired_ratio, step_batch, threads
+from ..qlora import add_qlora
 
 RANK, ALPHA = 8, 16
 
@@ -57,7 +57,7 @@ def _step(model: nn.Module, ids: torch.Tensor):
 
 @register("qlora-step")
 def qlora_step(quick: bool = False) -> list[dict]:
-    with _threads(), warnings.catch_warnings():
+    with threads(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes' optional CPU kernel package; peft's deprecation notes
         return _qlora_step(quick)
 
@@ -66,7 +66,7 @@ def _qlora_step(quick: bool) -> list[dict]:
     import bitsandbytes
     import peft
 
-    dev = _device()
+    dev = bench_device()
     base, ids = step_batch(quick, dev)
     B, T = ids.shape
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def _qlora_step(quick: bool) -> list[dict]:
     steps = {"lorabook": _step(ours, ids), "peer": _step(theirs, ids)}
     losses = {name: step() for name, step in steps.items()}
     repeat = 1 if quick else 2
-    t = interleaved({name: (_nothing, step, _nothing) for name, step in steps.items()},
+    t = interleaved({name: (nothing, step, nothing) for name, step in steps.items()},
                     rounds=2 if quick else 5, repeat=repeat, warmup=1, device=dev)
     peer = f"peft {peft.__version__} + bitsandbytes {bitsandbytes.__version__}"
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731

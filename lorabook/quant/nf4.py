@@ -21,7 +21,7 @@ Bit-exactness with bitsandbytes (CPU, fp32/fp16/bf16 input): the scaling is ``w 
 absmax clamped to 1e-38), except in a last, partial block, which is divided by its absmax -- and whose stored absmax
 is the clamped one; a tie between two levels goes to the lower one; an odd count is padded with the code of 0.0.
 Dequantization computes ``code · absmax`` in fp32 and rounds to the output dtype once.
-Double quantization of the absmax lives in ``lorabook.double_quant``; ``LinearNF4`` in ``lorabook.linear_nf4``.
+Double quantization of the absmax lives in ``lorabook.quant.double_quant``; ``LinearNF4`` in ``lorabook.quant.linear``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import torch
 
-from . import nf4_kernel
+from . import cpu_kernel
 from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -205,7 +205,7 @@ class QuantizedTensor:
     dtype: torch.dtype
     blocksize: int = 64
     codebook: str = "nf4"
-    double: DoubleQuantState | None = None  # the absmax quantized again (lorabook.double_quant)
+    double: DoubleQuantState | None = None  # the absmax quantized again (lorabook.quant.double_quant)
 
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
@@ -308,7 +308,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
 def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
     """level[code] · absmax in fp32, rounded once to ``dtype`` (default: the dtype ``q`` was quantized from).
 
-    backend: "c" -- the compiled one-pass loop of ``lorabook.nf4_kernel`` (CPU only); "torch" -- plain PyTorch,
+    backend: "c" -- the compiled one-pass loop of ``lorabook.quant.cpu_kernel`` (CPU only); "torch" -- plain PyTorch,
     any device; "auto" -- "c" where it is available, else "torch". Both are bit-exact with
     ``bitsandbytes.functional.dequantize_4bit``."""
     if not isinstance(q, QuantizedTensor):
@@ -322,8 +322,8 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backen
     absmax, n, bs = q.block_absmax(), q.numel, q.blocksize
     device = q.packed.device
     out = torch.empty(n, dtype=dtype, device=device)  # (n,)
-    if backend == "c" or (backend == "auto" and device.type == "cpu" and nf4_kernel.available()):
-        nf4_kernel.dequantize_into(q.packed, absmax.contiguous(), _codebook(q.codebook), out, bs)
+    if backend == "c" or (backend == "auto" and device.type == "cpu" and cpu_kernel.available()):
+        cpu_kernel.dequantize_into(q.packed, absmax.contiguous(), _codebook(q.codebook), out, bs)
         return out.view(q.shape)
     chunk = min(n + n % 2, DECODE_CHUNK)
     index = torch.empty(chunk // 2, dtype=torch.int32, device=device)  # scratch for _decode
@@ -345,14 +345,6 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backen
 
 
 dequantize_nf4 = dequantize_4bit
-
-
-def __getattr__(name: str):
-    """``lorabook.nf4.LinearNF4`` and ``quantize_model`` (they live in ``lorabook.linear_nf4``, imported on use)."""
-    if name in ("LinearNF4", "quantize_model"):
-        from . import linear_nf4
-        return getattr(linear_nf4, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- bitsandbytes' packed data + QuantState, both ways ------------------------------------------------------

@@ -1,6 +1,6 @@
 """A compiled one-pass 4-bit dequantization for the CPU, with plain PyTorch as the fallback.
 
-``lorabook.nf4.dequantize_4bit`` in PyTorch makes two passes over the output: an ``index_select`` writes each
+``lorabook.quant.nf4.dequantize_4bit`` in PyTorch makes two passes over the output: an ``index_select`` writes each
 byte's two levels, then a multiply scales each block by its absmax. The C loop below makes one, as bitsandbytes'
 CPU kernel does, and does less work per value than ``level · absmax``: for each block it first builds the block's
 16 possible outputs, rounded once to the output dtype,
@@ -35,6 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .._io import cache_dir
 
 SOURCE = r"""
 #include <stdint.h>
@@ -182,10 +184,6 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORABOOK_CACHE") or Path.home() / ".cache" / "lorabook")
-
-
 def _compile(cc: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
@@ -209,7 +207,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if cc is None:
         return None, "no C compiler found (set $CC)"
     key = hashlib.sha256("\n".join([SOURCE, cc, *FLAGS]).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"nf4_kernel_{key}.so"
+    library = cache_dir() / f"nf4_kernel_{key}.so"
     if not library.exists():
         try:
             _compile(cc, library)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nbformat
 
-from lorabook.teach import colab_cells, repo_and_branch
+from .colab import add_colab_cells, cell_tags, lint_colab, repo_and_branch
 
 DEFAULT_GLOB = "notebooks/[0-9][0-9]_*.ipynb"
 KERNEL = "python3"
@@ -96,10 +96,6 @@ def write(nb, path: Path) -> None:
 
 def _meta(cell) -> dict:
     return cell.metadata.get("nbgrader", {})
-
-
-def _tags(cell) -> list:
-    return cell.metadata.get("tags", [])
 
 
 def _count(n: int, noun: str) -> str:
@@ -249,21 +245,6 @@ def lint_outputs(nb) -> list[str]:
     return problems
 
 
-def lint_colab(nb, name: str) -> list[str]:
-    """The badge is the first cell and the setup cell the first code cell, exactly as ``colab`` writes them."""
-    fix = f"run `python -m lorabook.teach colab` (REPO/BRANCH now {'@'.join(repo_and_branch())})"
-    problems = []
-    first_code = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), None)
-    for cell, where, what in zip(colab_cells(name), (0, first_code), ("first cell", "first code cell")):
-        tag = cell.metadata["tags"][0]
-        found = [i for i, c in enumerate(nb.cells) if tag in _tags(c)]
-        if found != [where]:
-            problems.append(f"the {what} must be the only cell tagged {tag!r} (tagged: {found}); {fix}")
-        elif nb.cells[where].source != cell.source:
-            problems.append(f"cell {where}: the {tag!r} cell is stale; {fix}")
-    return problems
-
-
 def lint(nb, name: str) -> list[str]:
     try:
         nbformat.validate(nb)
@@ -278,7 +259,7 @@ def lint(nb, name: str) -> list[str]:
 
 
 def raises_on_purpose(cell) -> bool:
-    tagged = {"raises-exception", "nbval-raises-exception"} & set(_tags(cell))
+    tagged = {"raises-exception", "nbval-raises-exception"} & set(cell_tags(cell))
     return bool(tagged) or cell.source.lstrip().startswith("# NBVAL_RAISES_EXCEPTION")
 
 
@@ -409,24 +390,6 @@ def run_command(paths: list[Path], timeout: int) -> int:
 
 def lint_command(paths: list[Path]) -> int:
     return _report_each(paths, lambda path: (lint(read(path), path.stem), ""))
-
-
-def add_colab_cells(nb, name: str) -> bool:
-    """Put the badge first and the setup cell before the first code cell; True when ``nb`` changed."""
-    before = nbformat.writes(nb)
-    badge, setup = colab_cells(name)
-    old_setup = [c for c in nb.cells if "colab-setup" in _tags(c)]
-    if old_setup and old_setup[0].source == setup.source:
-        setup = old_setup[0]  # unchanged: keep its execution count and (empty) outputs
-    cells = [c for c in nb.cells if not {"colab-badge", "colab-setup"} & set(_tags(c))]
-    first_code = next((i for i, c in enumerate(cells) if c.cell_type == "code"), len(cells))
-    cells.insert(first_code, setup)
-    cells.insert(0, badge)
-    if nb.nbformat_minor < 5:  # cell ids arrived in nbformat 4.5
-        for c in cells:
-            c.pop("id", None)
-    nb.cells = cells
-    return nbformat.writes(nb) != before
 
 
 def colab_command(paths: list[Path]) -> int:

@@ -32,111 +32,29 @@ from __future__ import annotations
 
 import copy
 import itertools
-import statistics
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .bench import register, row
-from .lora import LoRALinear, _set_child, add_lora, merge_lora, set_adapter, switch_adapter, unmerge_lora
-from .timing import Timing, benchmark
+from ..lora import LoRALinear, add_lora, merge_lora, set_adapter, switch_adapter, unmerge_lora
+from . import register, row
+from .harness import bench_device, gpt2_medium, interleaved, nothing, paired_ratio, step_batch, threads
 
 RANK, ALPHA = 4, 8  # latency: the paper's GPT-2 rank
 STEP_RANK, STEP_ALPHA = 8, 16  # step: the common q_proj, v_proj default
 
 
-CPU_THREADS = 1  # see ``_threads``
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextmanager
-def _threads(n: int = CPU_THREADS):
-    """Run the CPU timings on ``n`` threads. On a shared machine, torch's threads wait for each other at every
-    op whenever one is descheduled: with 2 threads under load we saw medians swing 10x run to run, with one
-    the spread is a few percent. Ratios, not absolute speed, are what these benchmarks report."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def gpt2_medium(seed: int = 0, quick: bool = False) -> nn.Module:
-    """GPT-2 medium's shape (n_layer 24, n_embd 1024, n_head 16) with seeded random weights; a 2-layer toy if quick."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    size = dict(n_layer=2, n_embd=256, n_head=4) if quick else dict(n_layer=24, n_embd=1024, n_head=16)
-    config = GPT2Config(**size, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(config).eval()
-
-
-def smollm2_shaped(seed: int = 0, quick: bool = False) -> nn.Module:
-    """A random Llama of SmolLM2-135M's shape (no download); lorabook.models.tiny_llama's default if quick."""
-    from .models import tiny_llama
-
-    if quick:
-        return tiny_llama(seed=seed)
-    return tiny_llama(seed=seed, n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536, vocab_size=49152,
-                      max_seq_len=2048)
-
-
-def step_batch(quick: bool, device) -> tuple[nn.Module, torch.Tensor]:
-    """The training-step benchmarks' model and batch: ``smollm2_shaped(quick)`` on ``device`` and seeded random
-    token ids (2, 128) ((2, 32) if quick)."""
-    base = smollm2_shaped(quick=quick).to(device)
-    shape = (2, 32) if quick else (2, 128)
-    ids = torch.randint(0, base.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
-    return base, ids
-
-
-def interleaved(variants: dict[str, tuple[Callable, Callable, Callable]], rounds: int, repeat: int,
-                warmup: int, device) -> dict[str, Timing]:
-    """Time each variant's ``fn`` in ``rounds`` interleaved rounds of ``repeat`` calls (``warmup`` more in round 0).
-
-    variants: name -> (setup, fn, teardown); setup/teardown put the variant's modules in and out of the model.
-    Round k starts at the k-th variant (a rotation), so no variant always runs right after the same other one."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for rnd in range(rounds):
-        for name in order[rnd % len(order):] + order[:rnd % len(order)]:
-            setup, fn, teardown = variants[name]
-            setup()
-            try:
-                times[name] += benchmark(fn, warmup=warmup if rnd == 0 else 0, repeat=repeat, device=device).times
-            finally:
-                teardown()
-    return {name: Timing(times=t, device=str(device)) for name, t in times.items()}
-
-
-def paired_ratio(a: Timing, b: Timing, repeat: int) -> float:
-    """Median over rounds of (a's median / b's median) within the round: load that drifts between rounds,
-    which moves both alike, cancels; a burst inside one round moves one ratio, which the median ignores."""
-    chunks = lambda t: [statistics.median(t.times[i:i + repeat]) for i in range(0, len(t.times), repeat)]
-    return statistics.median(x / y for x, y in zip(chunks(a), chunks(b)))
-
-
-def _nothing() -> None:
-    pass
-
-
 @register("lora-latency")
 def lora_latency(quick: bool = False) -> list[dict]:
-    with _threads():
+    with threads():
         return _lora_latency(quick)
 
 
 def _lora_latency(quick: bool) -> list[dict]:
     import peft
 
-    dev = _device()
+    dev = bench_device()
     model = gpt2_medium(quick=quick).to(dev)
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn"], fan_in_fan_out=True,
                              init_lora_weights=False)  # B random too: the LoRA path does real work
@@ -156,7 +74,7 @@ def _lora_latency(quick: bool) -> list[dict]:
     peft_model.set_adapter("default")
 
     def use(layers):
-        return lambda: [_set_child(model, n, m) for n, m in layers.items()]
+        return lambda: [model.set_submodule(n, m) for n, m in layers.items()]
 
     def merged_in():
         use(ours)()
@@ -186,10 +104,10 @@ def _lora_latency(quick: bool) -> list[dict]:
             with torch.no_grad():
                 return model(input_ids=ids, use_cache=False).logits
 
-        variants = {"base": (use(base_layers), forward, _nothing),
+        variants = {"base": (use(base_layers), forward, nothing),
                     "merged": (merged_in, forward, merged_out),
-                    "unmerged": (use(ours), forward, _nothing),
-                    "peft": (use(peft_layers), forward, _nothing)}
+                    "unmerged": (use(ours), forward, nothing),
+                    "peft": (use(peft_layers), forward, nothing)}
         rounds, repeat = (3, 1) if quick else ((12, 1) if B * T <= 128 else (6, 1))
         t = interleaved(variants, rounds=rounds, repeat=repeat, warmup=1, device=dev)
         pr = lambda a, b: {"paired_ratio": paired_ratio(t[a], t[b], repeat)}
@@ -207,7 +125,7 @@ def _lora_latency(quick: bool) -> list[dict]:
     use(ours)()
     merge_lora(model, "default")
     cycle = itertools.cycle(["two", "default"])
-    variants = {"ours": (_nothing, lambda: switch_adapter(model, next(cycle)), _nothing),
+    variants = {"ours": (nothing, lambda: switch_adapter(model, next(cycle)), nothing),
                 "peft": (lambda: (unmerge_lora(model), use(peft_layers)(), peft_model.base_model.merge_adapter()),
                          peft_switch, lambda: (peft_merged_out(), use(ours)(), merge_lora(model, "default")))}
     t = interleaved(variants, rounds=3, repeat=2, warmup=1, device=dev)
@@ -231,16 +149,16 @@ def _trainer(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 
 @register("lora-step")
 def lora_step(quick: bool = False) -> list[dict]:
-    with _threads():
+    with threads():
         return _lora_step(quick)
 
 
 def _lora_step(quick: bool) -> list[dict]:
     import peft
 
-    from .memory import measure
+    from ..memory import measure
 
-    dev = _device()
+    dev = bench_device()
     base, ids = step_batch(quick, dev)
     B, T = ids.shape
     targets = ["q_proj", "v_proj"]
@@ -250,7 +168,7 @@ def _lora_step(quick: bool) -> list[dict]:
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_cfg).get_base_model()
     steps = {"ours": _trainer(ours, ids), "full": _trainer(full, ids), "peft": _trainer(theirs, ids)}
     rounds, repeat = (2, 1) if quick else (8, 1)
-    t = interleaved({k: (_nothing, fn, _nothing) for k, fn in steps.items()}, rounds=rounds, repeat=repeat,
+    t = interleaved({k: (nothing, fn, nothing) for k, fn in steps.items()}, rounds=rounds, repeat=repeat,
                     warmup=1, device=dev)
     pr = lambda a, b: {"paired_ratio": paired_ratio(t[a], t[b], repeat)}
     del steps, full, ours

@@ -18,7 +18,7 @@ schedule needs no state of its own. The data order is too: epoch e is a permutat
 CLI (prints the loss curve and the exact-match accuracy before and after):
     python -m lorabook.train --method lora --model smollm2 --steps 60 --out runs/sql [--resume]
 
-torchrun-ready: with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and each rank reads its
+torchrun-ready (``lorabook.train.distributed``): with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and each rank reads its
 own shard (DistributedSampler); rank 0 logs, evaluates and checkpoints. That path is written to the
 documented torch.distributed API but has not been run on GPUs here.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lorabook import baselines, data, qlora
-from lorabook.checkpoint import CKPT_NAME, load_checkpoint, save_checkpoint  # noqa: F401 (re-exported)
-from lorabook.paged import PagedAdamW
+from .. import _checks, baselines, data, qlora
+from ..paged import PagedAdamW
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import distributed
 
 SCHEDULES = ("cosine", "constant")
 
@@ -49,7 +49,7 @@ SCHEDULES = ("cosine", "constant")
 def methods() -> tuple[str, ...]:
     """The fine-tuning methods ``prepare`` knows: lora, adapter_h, adapter_l, bitfit, prefix, full (the seed's
     Table 2, ``lorabook.baselines``) and qlora (``lorabook.qlora.add_qlora``)."""
-    return (*baselines.METHODS, "qlora")
+    return (*baselines.PREPARE_FUNCTIONS, "qlora")
 
 
 def prepare(model, method: str, **kwargs):
@@ -166,45 +166,19 @@ class History:
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-def _check(name: str, value, kind=int, low=0, strict=True) -> None:
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or (value <= low if strict else value < low):
-        rel = ">" if strict else ">="
-        raise ValueError(f"{name} must be {'a number' if kind is float else 'an int'} {rel} {low}, got {value!r}")
-
-
-OPTIMIZERS = ("adamw", "paged_adamw")
-
-
-def _check_optimizer(optimizer) -> None:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+TRAIN_OPTIMIZERS = ("adamw", "paged_adamw")
 
 
 def make_optimizer(params: dict, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors).
 
     optimizer: "adamw" (torch's) or "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages)."""
-    _check_optimizer(optimizer)
+    _checks.choice("optimizer", optimizer, TRAIN_OPTIMIZERS)
     decay = [p for p in params.values() if p.dim() >= 2]
     rest = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     kind = PagedAdamW if optimizer == "paged_adamw" else torch.optim.AdamW
     return kind([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
-
-
-def _distributed():
-    """(world size, rank, local rank), starting torch.distributed when launched by torchrun with WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1, 0, 0
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return world, dist.get_rank(), local
 
 
 def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_size: int = 8,
@@ -226,23 +200,24 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         from its checkpoint and must be given the same settings. stop_after: stop after that step (as if the
         job were killed) while the schedule still runs to ``steps``.
     """
+    _checks.module("model", model)
     for name, value in dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum).items():
-        _check(name, value)
-    _check("max_len", max_len, low=1)
+        _checks.positive_int(name, value)
+    _checks.integer("max_len", max_len, low=2)
     for name, value in dict(warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
-                            log_every=log_every).items():
-        _check(name, value, strict=False)
-    _check("lr", lr, float)
-    _check("weight_decay", weight_decay, float, strict=False)
+                            log_every=log_every, max_new_tokens=max_new_tokens, seed=seed).items():
+        _checks.integer(name, value, low=0)
+    _checks.number("lr", lr, low=0, low_open=True)
+    _checks.number("weight_decay", weight_decay, low=0)
     if max_grad_norm is not None:
-        _check("max_grad_norm", max_grad_norm, float)
-    _check_optimizer(optimizer)  # before anything starts (make_optimizer runs after torch.distributed starts)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
-    if not 0 <= min_lr_ratio <= 1:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-    if stop_after is not None and not (isinstance(stop_after, int) and 0 < stop_after <= steps):
-        raise ValueError(f"stop_after must be None or an int in [1, steps={steps}], got {stop_after!r}")
+        _checks.number("max_grad_norm", max_grad_norm, low=0, low_open=True)
+    _checks.choice("optimizer", optimizer, TRAIN_OPTIMIZERS)  # before anything starts (and torch.distributed)
+    _checks.choice("schedule", schedule, SCHEDULES)
+    _checks.number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+    for name, value in dict(resume=resume, progress=progress, eval_accuracy=eval_accuracy).items():
+        _checks.flag(name, value)
+    if stop_after is not None:
+        _checks.integer("stop_after", stop_after, low=1, high=steps)
     if eval_every and not eval_examples:
         raise ValueError("eval_every > 0 needs eval_examples")
     if resume and checkpoint_dir is None:
@@ -254,7 +229,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
                   weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
                   min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed, optimizer=optimizer)
 
-    world, rank, local = _distributed()
+    world, rank, local = distributed()
     params = trainable_parameters(model)
     opt = make_optimizer(params, lr, weight_decay, optimizer)
     history, start = History(), 0
@@ -356,26 +331,15 @@ def _cycle(loader, skip: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CLI: python -m lorabook.train
+# The models the command line trains
 
 def load_model(name: str, seed: int = 0, device="cpu"):
     """(model, tokenizer): "smollm2" (the base model) or "tiny" (a random 2-layer Llama, byte tokenizer)."""
     if name == "tiny":
-        from lorabook.models import tiny_llama
+        from ..models import tiny_llama
         tok = data.byte_tokenizer()
         return tiny_llama(seed=seed, vocab_size=len(tok), max_seq_len=512).to(device), tok
     if name == "smollm2":
-        from lorabook.models import load_base_model
+        from ..models import load_base_model
         return load_base_model("smollm2", device=device)
     raise ValueError(f"unknown model {name!r}; models: ['tiny', 'smollm2']")
-
-
-def main(argv=None) -> dict:
-    """``python -m lorabook.train``: the command line lives in ``lorabook.train_cli``."""
-    from .train_cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    from .train_cli import run
-    run()

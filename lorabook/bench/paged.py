@@ -20,9 +20,9 @@ import warnings
 
 import torch
 
-from .bench import register, row
-from .lora_bench import _device, _nothing, _threads, interleaved, paired_ratio
-from .paged import PagedAdamW, PageStats
+from . import register, row
+from .harness import bench_device, interleaved, nothing, paired_ratio, threads
+from ..paged import PagedAdamW, PageStats
 
 LR = 1e-3
 
@@ -48,7 +48,7 @@ def _after_steps(make, quick: bool, device, steps: int = 3) -> list[torch.Tensor
 
 @register("paged")
 def paged_bench(quick: bool = False) -> list[dict]:
-    with _threads(), warnings.catch_warnings():
+    with threads(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")  # bnb, each state
         return _paged_bench(quick)
 
@@ -58,7 +58,7 @@ def _paged_bench(quick: bool) -> list[dict]:
         warnings.simplefilter("ignore")  # an optional CPU kernel package bitsandbytes looks for
         import bitsandbytes
 
-    dev = _device()
+    dev = bench_device()
     state_bytes = 2 * 4 * 16 * (128 if quick else 1024) ** 2  # m and v, fp32
     page_bytes = 2 ** 16 if quick else 2 ** 20
     makers = {
@@ -75,7 +75,7 @@ def _paged_bench(quick: bool) -> list[dict]:
     for optimizer in optimizers.values():
         optimizer.step()  # the state exists before timing starts
     repeat = 2 if quick else 3
-    t = interleaved({name: (_nothing, optimizer.step, _nothing) for name, optimizer in optimizers.items()},
+    t = interleaved({name: (nothing, optimizer.step, nothing) for name, optimizer in optimizers.items()},
                     rounds=3 if quick else 5, repeat=repeat, warmup=1, device=dev)
     case = f"16 x {128 if quick else 1024}^2 fp32 step"
     peers = {"torch loop": "torch AdamW foreach=False", "torch foreach": "torch AdamW (foreach)",

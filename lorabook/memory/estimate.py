@@ -32,7 +32,7 @@ gradient element:
 Full fine-tuning of SmolLM2 peaks at the end of the backward (tied embeddings) / the optimizer step; LoRA at the
 start of the backward, where the B T V terms of a 49152-word vocabulary weigh as much as all layers.
 
-Saved activations per decoder layer are derived term by term in ``lorabook.activations``. In short:
+Saved activations per decoder layer are derived term by term in ``lorabook.memory.activations``. In short:
 
 fp32 full fine-tuning: 4 (8 d + 2 d_kv + 4 f + 2) + 4 H bytes per token and layer. A frozen weight needs no
 input: LoRA on q, v drops both x^ terms, the MLP input and the down_proj input. With frozen embeddings layer 0's
@@ -44,7 +44,7 @@ embedding output require grad) keeps each layer's input (a d per token) and the 
 layer's activations during its backward. qlora: bitsandbytes' 4-bit matmul saves only the packed weight, like a
 frozen linear, and de-quantizes one weight (a x in x out bytes) for a moment.
 
-``measure`` (lorabook.memory_plot, re-exported here) runs real steps under torch's MemTracker; the bench
+``measure`` (lorabook.memory.measure) runs real steps under torch's MemTracker; the bench
 ``python -m lorabook.bench memory`` puts the two side by side.
 """
 from __future__ import annotations
@@ -54,13 +54,14 @@ from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
+from .. import _checks
+from ..lora.model import select
 from .activations import layer_backward, layer_saved
-from .lora import select
 
 
-METHODS = ("full", "lora", "qlora")
+ESTIMATE_METHODS = ("full", "lora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "mixed")
-OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw")
+ESTIMATE_OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw")
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # bytes of a weight / activation element
 _STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 code + FP8 absmax per 64 + fp32 per 256 absmaxes = 4.127 bits
@@ -93,9 +94,9 @@ class ModelSpec:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.mlp not in ("swiglu", "gelu"):
-            raise _bad("mlp", self.mlp, ("swiglu", "gelu"))
+            raise _checks.bad_choice("mlp", self.mlp, ("swiglu", "gelu"))
         if self.norm not in ("rmsnorm", "layernorm"):
-            raise _bad("norm", self.norm, ("rmsnorm", "layernorm"))
+            raise _checks.bad_choice("norm", self.norm, ("rmsnorm", "layernorm"))
 
     @property
     def hd(self) -> int:
@@ -130,17 +131,13 @@ KNOWN_MODELS = {  # the bare sizes from the papers / model cards
 }
 
 
-def _bad(arg: str, value, allowed) -> ValueError:
-    return ValueError(f"{arg} must be one of {list(allowed)}, got {value!r}")
-
-
 def as_spec(model) -> ModelSpec:
     """A ModelSpec from a known name, a ModelSpec, a transformers config or an nn.Module with ``.config``."""
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, str):
         if model.lower() not in KNOWN_MODELS:
-            raise _bad("model", model, KNOWN_MODELS)
+            raise _checks.bad_choice("model", model, KNOWN_MODELS)
         return KNOWN_MODELS[model.lower()]
     cfg = getattr(model, "config", model)
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)
@@ -223,12 +220,6 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str = "fp32") -> int:
     """Bytes of optimizer state for trainable tensors with these element counts (the seed: SGD 0, RMSProp 1,
     Adam 2 values per parameter).
@@ -237,10 +228,10 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str
     for Adam(W) and RMSprop, one fp32 ``step`` counter per tensor. bitsandbytes' 8-bit AdamW keeps both states
     in 1 byte, in blocks of 256 with an fp32 absmax each, for tensors of >= 4096 elements (32-bit below that).
     """
-    if optimizer not in OPTIMIZERS:
-        raise _bad("optimizer", optimizer, OPTIMIZERS)
+    if optimizer not in ESTIMATE_OPTIMIZERS:
+        raise _checks.bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
     if dtype not in DTYPES:
-        raise _bad("dtype", dtype, DTYPES)
+        raise _checks.bad_choice("dtype", dtype, DTYPES)
     if optimizer == "adamw8bit":
         return sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in sizes)
     state = 4 if dtype == "mixed" or optimizer == "paged_adamw" else _BYTES[dtype]
@@ -260,12 +251,12 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     """
     spec = as_spec(model)
     dtype = dtype or ("bf16" if method == "qlora" else "fp32")
-    for arg, value, allowed in (("method", method, METHODS), ("dtype", dtype, DTYPES),
-                                ("optimizer", optimizer, OPTIMIZERS), ("device", device, ("cpu", "cuda"))):
+    for arg, value, allowed in (("method", method, ESTIMATE_METHODS), ("dtype", dtype, DTYPES),
+                                ("optimizer", optimizer, ESTIMATE_OPTIMIZERS), ("device", device, ("cpu", "cuda"))):
         if value not in allowed:
-            raise _bad(arg, value, allowed)
-    B, T = _positive("batch_size", batch_size), _positive("seq_len", seq_len)
-    r = _positive("lora_rank", lora_rank)
+            raise _checks.bad_choice(arg, value, allowed)
+    B, T = _checks.positive_int("batch_size", batch_size), _checks.positive_int("seq_len", seq_len)
+    r = _checks.positive_int("lora_rank", lora_rank)
     if not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     N, d, V, L = B * T, spec.d_model, spec.vocab_size, spec.n_layers
@@ -409,15 +400,3 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
                     config=dict(model=spec.name, method=method, dtype=dtype, optimizer=optimizer, batch_size=B,
                                 seq_len=T, gradient_checkpointing=gradient_checkpointing,
                                 lora_rank=r if not full else None))
-
-
-from . import memory_plot as _plots  # noqa: E402  (measure, plots; registers the "memory" benchmark)
-
-_NOTEBOOK = ("measure", "Measurement", "saved_by_module", "plot_breakdown", "calculator", "format_rows", "seed_four_slots",
-             "seed_gpt3_lora", "seed_qlora_llama7b")
-
-
-def __getattr__(name: str):  # measure, the seed's tables, plots and the calculator live in memory_plot
-    if name in _NOTEBOOK:
-        return getattr(_plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,4 @@
-"""Teaching tools: show the library's real code, check a student's exercise against it, make student copies.
-
-In a notebook::
-
-    from lorabook.teach import show, check
-    show(lorabook.lora.LoRALinear.forward)        # prints the real source, with a path header
-    check(my_forward, lorabook.lora.forward, x)   # ✓ exact / ✓ close (max abs diff …) / AssertionError
-
-``show(obj, docstring=True)`` prints ``source(obj)``: a ``# lorabook/lora.py — LoRALinear.forward`` header
-(path relative to the package's parent, so the text is the same on every machine), then the code.
+"""``check(student, reference, *args, ...)``: compare a student's exercise with the library's, like ``cmp``.
 
 ``check(student, reference, *args, rtol=1e-5, atol=1e-8, cases=None, **kwargs)`` compares like ``cmp``.
 Callables (functions, classes; an ``nn.Module`` only when given arguments) are called, each with its own
@@ -20,93 +11,20 @@ dtypes and container types must match. Each case prints one line; a mismatch rai
 saying where, by how much, and what each side returned. A stub that raises ``NotImplementedError`` fails
 with "not implemented yet — write your solution in the cell above", so an nbgrader check cell errors.
 ``check`` returns ``CheckResult(exact, max_diff)`` (it displays nothing in a notebook).
-
-Notebook conventions (nbgrader's, see ``lorabook.notebook_tools`` for the exact metadata): a solution cell
-defines a function whose body holds ``### BEGIN SOLUTION`` … ``### END SOLUTION``; the next code cell is a
-locked grade cell that calls ``check(...)`` against the library; later cells use the library, never the
-student's function. Colab: the GitHub repository lives in ``REPO``/``BRANCH`` (env ``LORABOOK_REPO`` /
-``LORABOOK_BRANCH`` override them) and ``colab_cells(name)`` makes a notebook's badge and setup cells.
-
-Command line (``python -m lorabook.teach SUBCOMMAND``; notebooks default to ``notebooks/[0-9][0-9]_*.ipynb``)::
-
-    student --out DIR [NB ...]   write student copies: solutions -> stubs, hidden tests and outputs removed
-    check [NB ...]               solutions run clean; in the student copy exactly the check cells fail
-    run NB ...                   execute in place, keep execution counts, strip volatile metadata
-    lint [NB ...]                nbgrader metadata, grade ids, outputs (paths, addresses, counts), Colab cells
-    colab [NB ...]               (re)write the Colab badge and setup cells from REPO/BRANCH
 """
 from __future__ import annotations
 
-import argparse
-import ast
 import copy
 import dataclasses
-import inspect
 import math
-import os
 import random
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = "lorabook/lorabook"  # GitHub owner/name: the one place the Colab badges and installs come from
-BRANCH = "main"
+__all__ = ["CheckResult", "check", "NOT_IMPLEMENTED"]
+
 NOT_IMPLEMENTED = "not implemented yet — write your solution in the cell above"
-
-# ----------------------------------------------------------------------------------------------------------
-# show: print the library's real source
-
-
-def source(obj, docstring: bool = True) -> str:
-    """The source of a function, class, method, property or module, under a ``# path — name`` header."""
-    obj = inspect.unwrap(obj.fget if isinstance(obj, property) else obj)
-    try:
-        code = textwrap.dedent(inspect.getsource(obj))
-        path = Path(inspect.getsourcefile(obj)).resolve()
-    except (TypeError, OSError) as e:
-        raise TypeError(f"show(obj): obj must be a Python function, class, method or module with a source "
-                        f"file, got {obj!r} ({e})") from None
-    if not docstring:
-        code = _drop_docstrings(code)
-    name = "" if inspect.ismodule(obj) else f" — {obj.__qualname__}"
-    return f"# {_package_relative(obj, path)}{name}\n{code.rstrip()}\n"
-
-
-def show(obj, docstring: bool = True) -> None:
-    """Print ``source(obj, docstring)``: notebooks show the library's code instead of re-defining it."""
-    print(source(obj, docstring), end="")
-
-
-def _package_relative(obj, path: Path) -> str:
-    """``lorabook/memory.py``: the path from the top-level package's parent (no machine-specific prefix)."""
-    module = inspect.getmodule(obj)
-    depth = len(module.__name__.split(".")) if module and module.__name__ != "__main__" else 1
-    depth += path.name == "__init__.py"  # lorabook/__init__.py is the module ``lorabook``
-    return Path(*path.parts[-depth:]).as_posix()
-
-
-def _drop_docstrings(code: str) -> str:
-    """Remove the docstrings of every def and class in ``code`` (and a blank line right after one)."""
-    lines = code.splitlines(keepends=True)
-    drop = set()
-    for node in ast.walk(ast.parse(code)):
-        body = getattr(node, "body", None)
-        if not (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body):
-            continue
-        doc = body[0]
-        is_doc = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
-        if is_doc and len(body) > 1 and body[1].lineno > doc.end_lineno:  # keep a docstring-only body valid
-            drop.update(range(doc.lineno - 1, doc.end_lineno))
-            if doc.end_lineno < len(lines) and not lines[doc.end_lineno].strip():
-                drop.add(doc.end_lineno)
-    return "".join(line for i, line in enumerate(lines) if i not in drop)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# check: compare a student's result with the library's
 
 
 @dataclasses.dataclass
@@ -327,71 +245,3 @@ def _brief_args(args, kwargs) -> str:
             return f"{type(x).__name__}({x.dtype}, shape {tuple(x.shape)})"
         return _short(x, 40)
     return ", ".join([brief(a) for a in args] + [f"{k}={brief(v)}" for k, v in kwargs.items()])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Colab: the badge and the setup cell, generated from REPO/BRANCH
-
-
-def repo_and_branch() -> tuple[str, str]:
-    """``REPO`` and ``BRANCH``, unless the environment overrides them (``LORABOOK_REPO``/``LORABOOK_BRANCH``)."""
-    return os.environ.get("LORABOOK_REPO", REPO), os.environ.get("LORABOOK_BRANCH", BRANCH)
-
-
-def colab_cells(name: str):
-    """(badge markdown cell, setup code cell) for ``notebooks/{name}.ipynb``, tagged colab-badge/colab-setup."""
-    import nbformat.v4 as v4
-    repo, branch = repo_and_branch()
-    name = Path(name).stem
-    url = f"https://colab.research.google.com/github/{repo}/blob/{branch}/notebooks/{name}.ipynb"
-    badge = v4.new_markdown_cell(
-        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})",
-        id="colab-badge", metadata={"tags": ["colab-badge"]})
-    setup = v4.new_code_cell(
-        "# On Colab only: install lorabook (Colab ships torch; it is never reinstalled). Elsewhere: nothing.\n"
-        "import sys\n"
-        'if "google.colab" in sys.modules:\n'
-        "    import subprocess\n"
-        f'    subprocess.run([sys.executable, "-m", "pip", "install", "-q", '
-        f'"lorabook @ git+https://github.com/{repo}@{branch}"], check=True)',
-        id="colab-setup", metadata={"tags": ["colab-setup"]})
-    return badge, setup
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv=None) -> int:
-    from lorabook import notebook_tools as nt
-    p = argparse.ArgumentParser(prog="python -m lorabook.teach", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("::\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    help_nb = f"notebooks (default: {nt.DEFAULT_GLOB})"
-    s = sub.add_parser("student", help="write student copies")
-    s.add_argument("--out", required=True, metavar="DIR", help="folder for the student copies")
-    s.add_argument("notebooks", nargs="*", metavar="NB", help=help_nb)
-    c = sub.add_parser("check", help="solutions run clean; in student copies exactly the check cells fail")
-    c.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
-    c.add_argument("notebooks", nargs="*", metavar="NB", help=help_nb)
-    r = sub.add_parser("run", help="execute notebooks in place, keep execution counts, strip volatile metadata")
-    r.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
-    r.add_argument("notebooks", nargs="+", metavar="NB")
-    for name, text in [("lint", "check cell conventions and outputs"), ("colab", "(re)write Colab cells")]:
-        sub.add_parser(name, help=text).add_argument("notebooks", nargs="*", metavar="NB", help=help_nb)
-    a = p.parse_args(argv)
-    try:
-        paths = nt.notebook_paths(a.notebooks)
-        if a.command == "student":
-            return nt.student_command(paths, Path(a.out))
-        if a.command in ("check", "run") and a.timeout <= 0:
-            raise nt.UsageError(f"--timeout must be a positive number of seconds, got {a.timeout}")
-        command = {"check": nt.check_command, "run": nt.run_command, "lint": nt.lint_command,
-                   "colab": nt.colab_command}[a.command]
-        return command(paths, a.timeout) if a.command in ("check", "run") else command(paths)
-    except nt.UsageError as e:
-        p.error(str(e))  # prints usage and the message, exits with status 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

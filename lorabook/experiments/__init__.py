@@ -25,7 +25,6 @@ each cell's real count next to its accuracy.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -33,7 +32,11 @@ import os
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+from .. import _io
+from ..data import DATA_DIR as DATA
+
+__all__ = ["OUT", "LATENCY_OUT", "COMMON", "WEIGHTS", "PAPER", "RANKS", "PREFIX_TEXT", "BASELINES", "lora_run",
+           "tables", "pending_runs", "load", "summarise", "record", "write_json", "table_rows", "latency"]
 OUT, LATENCY_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json"
 COMMON = ["--steps", "30", "--batch-size", "8", "--max-len", "160", "--warmup", "3", "--schedule", "cosine",
           "--eval-n", "100", "--threads", "1", "--no-before", "--no-progress", "--seed", "0"]
@@ -121,7 +124,7 @@ def load(path: Path | str = OUT) -> dict:
 
 
 def summarise(args: list[str], result: dict) -> dict:
-    """What a table needs from one train_cli result: counts, accuracy, loss curve, time and a few errors."""
+    """What a table needs from one ``python -m lorabook.train`` result: counts, accuracy, loss curve, time and a few errors."""
     wrong = [p for p in result["predictions"] if not p["match"]]
     keep = ("trainable_params", "total_params", "accuracy_after", "eval_n", "train_wall_time_s", "tokens_per_s",
             "loss_curve", "load_avg_1m", "torch", "threads")
@@ -134,8 +137,13 @@ def record(path: Path, run: str, summary: dict) -> None:
     with _locked(path):
         runs = load(path)
         runs[run] = summary
-        _write(path, {"about": "python -m lorabook.experiments; see lorabook/experiments.py",
-                      "runs": dict(sorted(runs.items()))})
+        write_json(path, {"about": "python -m lorabook.experiments; see lorabook/experiments",
+                          "runs": dict(sorted(runs.items()))})
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
+    _io.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def table_rows(name: str, runs: dict) -> list[dict]:
@@ -154,53 +162,10 @@ def latency(rounds: int = 20, threads: int = 1) -> dict:
     import torch
 
     import lorabook
-    from lorabook.latency import latency_table
+    from ..latency import latency_table
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     rows = latency_table(rounds=rounds)
     return dict(command=f"python -m lorabook.experiments table1 --rounds {rounds}", device=str(lorabook.device()),
                 threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds,
                 wall_time_s=time.perf_counter() - t0, load_avg_1m=os.getloadavg()[0], rows=rows)
-
-
-def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lorabook.experiments", description=__doc__.split("\n")[0])
-    p.add_argument("tables", nargs="+", help=f"table1 and/or any of {sorted(tables())}")
-    p.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default: {OUT})")
-    p.add_argument("--shard", default="0/1", help="k/n: run every n-th pending run starting at k (default 0/1)")
-    p.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
-    p.add_argument("--rounds", type=int, default=20, help="table1: interleaved timing rounds (default 20)")
-    args = p.parse_args(argv)
-    if "table1" in args.tables:
-        args.tables.remove("table1")
-        if not args.dry_run:
-            result = latency(args.rounds)
-            _write(LATENCY_OUT, result)
-            from lorabook.latency import format_table
-            print(format_table(result["rows"]))
-        if not args.tables:
-            return
-    k, n = (int(x) for x in args.shard.split("/"))
-    if not 0 <= k < n:
-        raise ValueError(f"--shard must be k/n with 0 <= k < n, got {args.shard!r}")
-    todo = pending_runs(args.tables, load(args.out))[k::n]
-    print(f"{len(todo)} run(s) to do in shard {k}/{n}: {[run for run, _ in todo]}")
-    if args.dry_run:
-        return
-    from lorabook.train_cli import main as train_main
-    for i, (run, run_args) in enumerate(todo):
-        t0 = time.perf_counter()
-        result = train_main(run_args + COMMON)
-        record(args.out, run, summarise(run_args + COMMON, result))
-        print(f"[{i + 1}/{len(todo)}] {run}: exact match {result['accuracy_after']:.0%} "
-              f"({result['trainable_params']:,} params, {time.perf_counter() - t0:.0f} s)", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,13 +12,13 @@ For a 4096×4096 weight (``--quick``: 512×512), blocksize 64, in fp32 and in bf
                  of this machine's memcpy bandwidth (a ``clone`` of the dequantized weight: read + write)
 
 Every comparison row says whether the two results are bit-for-bit the same (``exact``). The variants run in
-interleaved rounds (``lorabook.lora_bench.interleaved``) on one CPU thread -- bitsandbytes too: its C kernels use
+interleaved rounds (``lorabook.bench.harness.interleaved``) on one CPU thread -- bitsandbytes too: its C kernels use
 OpenMP through the system's libgomp, which ``torch.set_num_threads`` does not reach, so ``_bnb_threads`` sets it;
 ``paired_ratio`` is the median of the within-round ratios, the steadier number on a busy machine.
 
 What bitsandbytes' CPU path does: quantize_4bit is plain PyTorch (bucketize against the level midpoints);
 dequantize_4bit is one C loop over the bytes (OpenMP, AVX-512 permutes where the CPU has them). Ours
-(``lorabook.nf4_kernel``) is one C loop too: per block a 16-entry table of ``level · absmax`` already rounded to the
+(``lorabook.quant.cpu_kernel``) is one C loop too: per block a 16-entry table of ``level · absmax`` already rounded to the
 output dtype, then one AVX-512 permute per 16 (fp32) or 32 (bf16) values. Both write a freshly allocated output,
 whose first touch (page faults: the kernel zeroing each 4 KB page) costs about as much as the loop itself; the
 memcpy row pays it too. The PyTorch fallback makes two passes: an ``index_select`` into a table of level pairs,
@@ -32,10 +32,10 @@ from contextlib import contextmanager
 
 import torch
 
-from .bench import register, row
-from .lora_bench import _device, _nothing, _threads, interleaved, paired_ratio
-from . import nf4_kernel
-from .nf4 import codebook, dequantize_nf4, quantize_nf4
+from . import register, row
+from .harness import bench_device, interleaved, nothing, paired_ratio, threads
+from ..quant import cpu_kernel
+from ..quant.nf4 import codebook, dequantize_nf4, quantize_nf4
 
 
 def naive_quantize(w: torch.Tensor, blocksize: int = 64, chunk: int = 2 ** 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +81,7 @@ def _bnb_threads():
 
 @register("nf4")
 def nf4_bench(quick: bool = False) -> list[dict]:
-    with _threads(), _bnb_threads():
+    with threads(), _bnb_threads():
         return _nf4_bench(quick)
 
 
@@ -91,7 +91,7 @@ def _nf4_bench(quick: bool) -> list[dict]:
         import bitsandbytes
         import bitsandbytes.functional as bnbf
 
-    dev = _device()
+    dev = bench_device()
     side = 512 if quick else 4096
     peer = f"bitsandbytes {bitsandbytes.__version__}"
     rows = []
@@ -104,9 +104,9 @@ def _nf4_bench(quick: bool) -> list[dict]:
         exact_q = torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
         naive_same = torch.equal(q.packed, naive_packed) and torch.equal(q.absmax, naive_absmax)
 
-        t = interleaved({"lorabook": (_nothing, lambda: quantize_nf4(w), _nothing),
-                         "bnb": (_nothing, lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4"), _nothing),
-                         "naive": (_nothing, lambda: naive_quantize(w), _nothing)},
+        t = interleaved({"lorabook": (nothing, lambda: quantize_nf4(w), nothing),
+                         "bnb": (nothing, lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4"), nothing),
+                         "naive": (nothing, lambda: naive_quantize(w), nothing)},
                         rounds=2 if quick else 3, repeat=1 if quick else 2, warmup=1, device=dev)
         repeat = 1 if quick else 2
         rows += [row(f"{case}: quantize", "seconds", t["lorabook"].median, peer, t["bnb"].median, exact=exact_q,
@@ -124,14 +124,14 @@ def _nf4_bench(quick: bool) -> list[dict]:
                     "torch path": lambda: dequantize_nf4(q, backend="torch"),
                     "naive": lambda: naive_dequantize(q.packed, q.absmax, w.shape, dtype),
                     "memcpy": lambda: ours.clone()}
-        if nf4_kernel.available():
+        if cpu_kernel.available():
             variants["portable loop"] = lambda: _portable(q)
-        t = interleaved({name: (_nothing, fn, _nothing) for name, fn in variants.items()},
+        t = interleaved({name: (nothing, fn, nothing) for name, fn in variants.items()},
                         rounds=3 if quick else 7, repeat=2 if quick else 3, warmup=1, device=dev)
         repeat = 2 if quick else 3
         moved = q.packed.numel() + q.absmax.numel() * 4 + out_bytes  # bytes a dequantize has to touch
         gbps = lambda s: moved / s / 1e9  # noqa: E731
-        kernel = "compiled" if nf4_kernel.available() and dev.type == "cpu" else "pytorch"
+        kernel = "compiled" if cpu_kernel.available() and dev.type == "cpu" else "pytorch"
         rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, peer, t["bnb"].median,
                      exact=exact_d, goal="<= 1.0", paired_ratio=paired_ratio(t["lorabook"], t["bnb"], repeat),
                      lorabook_path=kernel),
@@ -150,5 +150,5 @@ def _nf4_bench(quick: bool) -> list[dict]:
 def _portable(q) -> torch.Tensor:
     """The compiled kernel without AVX-512, into a fresh output like the others."""
     out = torch.empty(q.shape, dtype=q.dtype)
-    nf4_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out.view(-1), q.blocksize, simd=False)
+    cpu_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out.view(-1), q.blocksize, simd=False)
     return out

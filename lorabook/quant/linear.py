@@ -5,7 +5,7 @@ QLoRA's layer computes
 
     Y = X · doubleDequant(c1, c2, W_NF4) + X L1 L2        X (..., in), W (out, in), Y (..., out)
 
-This module is the first term: the weight lives as ``lorabook.nf4.QuantizedTensor`` (0.5 bytes per weight plus
+This module is the first term: the weight lives as ``lorabook.quant.nf4.QuantizedTensor`` (0.5 bytes per weight plus
 ≈ 0.127 bits of double-quantized constants) and every forward dequantizes it to ``compute_dtype`` and runs one
 ``F.linear``. The backward dequantizes again instead of keeping the full-precision weight from the forward, which
 would cost the memory that 4-bit storage saves. The weight and the bias are frozen; the trainable low-rank term
@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _checks
 from .double_quant import DoubleQuantState
-from .lora import _output_head_name, _set_child
+from ..lora.layer import BaseLayer
+from ..lora.model import output_head_name
 from .nf4 import FLOAT_DTYPES, QuantizedTensor, dequantize_4bit, quantize_4bit
 
 _FP32_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_absmax_offset")
@@ -47,7 +49,7 @@ class LinearNF4(nn.Module):
                  compute_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(weight, QuantizedTensor):
-            raise TypeError(f"weight must be a lorabook.nf4.QuantizedTensor, got {type(weight).__name__}")
+            raise TypeError(f"weight must be a lorabook.quant.nf4.QuantizedTensor, got {type(weight).__name__}")
         weight.validate()
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -89,6 +91,15 @@ class LinearNF4(nn.Module):
                                shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
                                blocksize=self.blocksize, codebook=self.codebook, double=double)
 
+    def lora_base_layer(self) -> BaseLayer:
+        """What LoRA needs to know (``lorabook.lora.base_layer``): fp32 adapters (as peft trains QLoRA's), and no
+        merge -- W0 + ΔW has no exact NF4 form."""
+        return BaseLayer(self.in_features, self.out_features, mergeable=False, adapter_dtype=torch.float32,
+                         device=self.weight_packed.device,
+                         not_mergeable_because="W0 + ΔW has no exact NF4 form and re-quantizing it would lose most "
+                         "of ΔW; keep the adapter unmerged (QLoRA serves it that way) or replace the base by a "
+                         "dequantized nn.Linear first")
+
     def dequantize(self) -> torch.Tensor:
         """The weight (out, in) in ``compute_dtype``."""
         return dequantize_4bit(self.quantized, self.compute_dtype)
@@ -120,17 +131,18 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     """Replace every ``nn.Linear`` except the output head (and names in ``skip``) by a ``LinearNF4``, in place.
 
     The output head stays full precision (it is often tied to the input embedding, as in SmolLM2). Other
-    parameters (embeddings, norms) are left as they are. Returns the model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    parameters (embeddings, norms) are left as they are. Returns the model. Every layer is quantized before any is
+    swapped in: a bad weight anywhere (NaN, Inf) raises with the model unchanged."""
+    _checks.module("model", model)
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"skip must be a tuple of module names, got {skip!r}")
     if isinstance(model, nn.Linear):
         raise TypeError("model is a single nn.Linear; use LinearNF4.from_linear(model)")
-    head = _output_head_name(model)
+    head = output_head_name(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head and n not in skip]
-    for name in names:
-        linear = model.get_submodule(name)
-        _set_child(model, name, LinearNF4.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
-                                                      compute_dtype=compute_dtype, codebook=codebook))
+    quantized = {name: LinearNF4.from_linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant,
+                                             compute_dtype=compute_dtype, codebook=codebook)
+                 for name in names}  # (4-bit: an eighth of the fp32 weights more, for the moment)
+    for name, layer in quantized.items():
+        model.set_submodule(name, layer)
     return model

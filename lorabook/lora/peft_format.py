@@ -16,25 +16,24 @@ pattern to its own r / α; peft matches a pattern ``k`` against a module name wi
 
 ``load_adapter`` checks the whole folder against the model first (the file reads, every key names a linear
 layer the config targets, every target has both keys, every shape is (r, in) / (out, r)) and only then
-changes the model, so a bad folder leaves the model exactly as it was. Writes are atomic (temp file, then
-``os.replace``): a crash never leaves a half-written file under the final name.
+changes the model, so a bad folder leaves the model exactly as it was. ``save_adapter`` writes the two files as
+one unit (``lorabook._io.write_folder``): a failure at any point leaves the previous adapter in the folder, loadable.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .lora import (LoRALinear, _check_lora_args, check_adapter_name, _in_out, _output_head_name, _set_child, active_adapter,
-                   adapter_names, is_linear, linear_names, lora_layers, merged_adapter, select,
-                   set_adapter)
+from .. import _checks, _io
+from .layer import LoRALinear, base_layer, check_adapter_name, check_lora_args
+from .model import (active_adapter, adapter_names, linear_names, lora_layers, merged_adapter, output_head_name,
+                    select, set_adapter)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -49,18 +48,6 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lor
                                                   "velora", "loftq")}}
 # initialisations that only choose A and B; the others (pissa, olora, loftq, corda, eva, ...) change W0 too
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temp file next to ``path``, then rename it over ``path`` in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _most_common(values: dict):
@@ -109,6 +96,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str | None = None,
     """Write adapter ``adapter_name`` (default: the active one) as a PEFT adapter folder; returns the folder."""
     from safetensors.torch import save_file
 
+    _checks.module("model", model)
     names = adapter_names(model)
     if not names:
         raise ValueError("model has no LoRA layers; nothing to save (add_lora or load_adapter first)")
@@ -121,12 +109,10 @@ def save_adapter(model: nn.Module, directory, adapter_name: str | None = None,
         if name in m.lora_A:
             tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[name].detach().contiguous().cpu()  # (r, in)
             tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[name].detach().contiguous().cpu()  # (out, r)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-    return directory
+    return _io.write_folder(Path(directory), {  # both files as one unit: the old adapter stays loadable on a failure
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda tmp: tmp.write_text(text, encoding="utf-8")})
 
 
 # ---- loading: read, check everything, then change the model -------------------------------------------------
@@ -203,7 +189,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> d
                          f"for another architecture?): {_listing(absent)}; this model's linear layers are named "
                          f"like {_listing(linears, 4)}")
     try:
-        head = _output_head_name(model)
+        head = output_head_name(model)
         targets = select(linears, config["target_modules"], head=head, arg="target_modules in " + CONFIG_NAME)
     except ValueError as e:
         raise ValueError(f"{e} (an adapter for another architecture?)") from None
@@ -216,11 +202,12 @@ def _plan(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> d
         if p not in pairs or len(pairs[p]) < 2:
             continue
         module = model.get_submodule(p)
-        in_f, out_f = (module.in_features, module.out_features) if isinstance(module, LoRALinear) else _in_out(module)
+        info = module.info if isinstance(module, LoRALinear) else base_layer(module)
+        in_f, out_f = info.in_features, info.out_features
         r = _pattern_value(config.get("rank_pattern"), p, r0)
         alpha = _pattern_value(config.get("alpha_pattern"), p, alpha0)
         try:
-            _check_lora_args(r, alpha, dropout, in_f, out_f)
+            check_lora_args(r, alpha, dropout, in_f, out_f)
         except ValueError as e:
             raise ValueError(f"{CONFIG_NAME} for {p}: {e}") from None
         A, B = pairs[p]["A"], pairs[p]["B"]
@@ -243,7 +230,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> d
     errors = ([f"missing keys: {_listing(missing)}"] if missing else []) + \
              ([f"unexpected keys: {_listing(unexpected)}"] if unexpected else []) + wrong
     if errors:
-        raise ValueError(f"cannot load the adapter into this model:\n  " + "\n  ".join(errors))
+        raise ValueError("cannot load the adapter into this model:\n  " + "\n  ".join(errors))
     return plan
 
 
@@ -251,6 +238,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     """Load a PEFT LoRA adapter folder as adapter ``adapter_name`` (created from the config if the model does not
     have it, overwritten if it has it with the same layers and ranks); it becomes the active adapter unless
     another one is merged. Everything is checked first: on any error the model is unchanged."""
+    _checks.module("model", model)
     check_adapter_name(adapter_name)
     directory = Path(directory)
     if not directory.is_dir():
@@ -265,7 +253,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         kw = dict(r=s["r"], alpha=s["alpha"], dropout=s["dropout"], use_rslora=s["use_rslora"])
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, adapter_name=adapter_name, **kw)
-            _set_child(model, path, module)
+            model.set_submodule(path, module)
         elif adapter_name not in module.lora_A:
             module.add_adapter(adapter_name, **kw)
         else:  # same layers and rank (checked): the config's alpha, dropout and rsLoRA flag apply
@@ -278,6 +266,3 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     if merged_adapter(model) is None:
         set_adapter(model, adapter_name)
     return model
-
-
-__all__ = ["save_adapter", "load_adapter", "adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "is_linear"]

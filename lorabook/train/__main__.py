@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 import lorabook
-from lorabook import data
-from lorabook.checkpoint import CKPT_NAME
-from lorabook.lora import count_trainable
-from lorabook.train import History, _check, _distributed, load_model, methods, prepare, train
+
+from .. import _checks, _io, data
+from ..lora import count_trainable
+from .checkpoint import CKPT_NAME
+from .distributed import distributed
+from .loop import History, load_model, methods, prepare, train
 
 OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--method", str, "lora", "lora, qlora (NF4 base + LoRA), adapter_h, adapter_l, bitfit, prefix or full"),
@@ -75,10 +77,10 @@ def main(argv=None) -> dict:
     if args.resume and not (args.out and (Path(args.out) / CKPT_NAME).is_file()):
         raise FileNotFoundError(f"--resume needs a checkpoint at {Path(args.out or '.') / CKPT_NAME}; "
                                 "run once without --resume (with --out) first")
-    _check("eval_n", args.eval_n)
+    _checks.positive_int("eval_n", args.eval_n)
     if args.threads:
         torch.set_num_threads(args.threads)
-    world, rank, local = _distributed()
+    world, rank, local = distributed()
     device = f"cuda:{local}" if torch.cuda.is_available() else lorabook.device()
     torch.manual_seed(args.seed)  # the model's (and the adapter's) random init
     model, tok = load_model(args.model, args.seed, device)
@@ -140,9 +142,7 @@ def report(history: History, examples: list[dict], before: list[str] | None, aft
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    _io.write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def run() -> None:
@@ -151,3 +151,7 @@ def run() -> None:
         main()
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    run()

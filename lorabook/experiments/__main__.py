@@ -1,0 +1,47 @@
+"""``python -m lorabook.experiments table1 | table2 table5 table6 qlora [--shard k/n] [--dry-run]``: the sweeps
+behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..latency import format_table
+from ..train.__main__ import main as train_main
+from . import COMMON, LATENCY_OUT, OUT, latency, load, pending_runs, record, summarise, tables, write_json
+from . import __doc__ as experiments_doc
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lorabook.experiments", description=experiments_doc.split("\n")[0])
+    p.add_argument("tables", nargs="+", help=f"table1 and/or any of {sorted(tables())}")
+    p.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default: {OUT})")
+    p.add_argument("--shard", default="0/1", help="k/n: run every n-th pending run starting at k (default 0/1)")
+    p.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
+    p.add_argument("--rounds", type=int, default=20, help="table1: interleaved timing rounds (default 20)")
+    args = p.parse_args(argv)
+    if "table1" in args.tables:
+        args.tables.remove("table1")
+        if not args.dry_run:
+            result = latency(args.rounds)
+            write_json(LATENCY_OUT, result)
+            print(format_table(result["rows"]))
+        if not args.tables:
+            return
+    k, n = (int(x) for x in args.shard.split("/"))
+    if not 0 <= k < n:
+        raise ValueError(f"--shard must be k/n with 0 <= k < n, got {args.shard!r}")
+    todo = pending_runs(args.tables, load(args.out))[k::n]
+    print(f"{len(todo)} run(s) to do in shard {k}/{n}: {[run for run, _ in todo]}")
+    if args.dry_run:
+        return
+    for i, (run, run_args) in enumerate(todo):
+        t0 = time.perf_counter()
+        result = train_main(run_args + COMMON)
+        record(args.out, run, summarise(run_args + COMMON, result))
+        print(f"[{i + 1}/{len(todo)}] {run}: exact match {result['accuracy_after']:.0%} "
+              f"({result['trainable_params']:,} params, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Memory measured: real training steps under torch's MemTracker, peak bytes by category (``Measurement``), and what
+autograd saves per module (``saved_by_module``) -- the measured side of ``lorabook.memory.estimate``.
+
+    measure(model, method, optimizer, batch_size, seq_len, ...) -> Measurement(weights, gradients, optimizer,
+                                                                             activations, total, ...)
+
+MemTracker categories map to ours as Parameter + Buffer -> weights, Gradient -> gradients, Optstate ->
+optimizer, Activation + Temp + Other (the input ids) -> activations. On CUDA the allocator's own peak is kept too.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import _checks
+from ..models import enable_checkpointing
+from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, as_spec, human, lora_modules
+
+__all__ = ["Measurement", "measure", "saved_by_module"]
+
+
+@dataclass
+class Measurement:
+    """Peak bytes by category over real training steps, from torch's MemTracker (same fields as Estimate)."""
+    weights: int  # Parameter + Buffer
+    gradients: int  # Gradient
+    optimizer: int  # Optstate (MemTracker files the optimizer step's scratch here too)
+    activations: int  # Activation + Temp + Other (the inputs)
+    total: int
+    saved_activations: int  # live right after the forward, before the backward (the last step)
+    snapshot: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    allocator_peak: int | None = None  # torch.cuda.max_memory_allocated during the tracked steps (CUDA only)
+    config: dict = field(default_factory=dict)
+
+    def categories(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in CATEGORIES}
+
+    def as_dict(self) -> dict:
+        return {**self.categories(), "total": self.total, "saved_activations": self.saved_activations,
+                "snapshot": dict(self.snapshot), "seconds": self.seconds, "allocator_peak": self.allocator_peak,
+                **self.config}
+
+    def table(self) -> str:
+        lines = [f"{'category':<34} {'size':>12}"] + [f"{k:<34} {human(v):>12}" for k, v in self.categories().items()]
+        return "\n".join(lines + [f"{'total (measured peak)':<34} {human(self.total):>12}"])
+
+    __str__ = table
+
+
+def _training_copy(model) -> nn.Module:
+    if isinstance(model, nn.Module):
+        copied = copy.deepcopy(model)  # the caller's model is never touched
+    elif model == "smollm2-135m":
+        from ..models import load_base_model
+        copied = load_base_model()[0]
+    elif model == "tiny":
+        from ..models import tiny_llama
+        copied = tiny_llama(seed=0)
+    else:
+        raise ValueError(f"model must be an nn.Module, 'smollm2-135m' or 'tiny' to measure; got {model!r}")
+    if getattr(copied, "config", None) is not None:
+        copied.config.use_cache = False  # training keeps no KV cache (and checkpointing refuses one)
+    return copied
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    makers = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
+              "adamw": torch.optim.AdamW}
+    if name not in makers:
+        raise _checks.bad_choice("optimizer", name, makers)
+    return makers[name](params, lr=lr)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _mt_snapshot(mt, dev: torch.device, kind: str) -> dict[str, int]:
+    snap = mt.get_tracker_snapshot(kind)
+    snap = next((v for k, v in snap.items() if torch.device(k) == dev), {})
+    return {getattr(k, "value", str(k)): int(v) for k, v in snap.items()}
+
+
+def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 128,
+            gradient_checkpointing: bool = False, lora_rank: int = 8, lora_targets=("q_proj", "v_proj"),
+            lora_dropout: float = 0.0, steps: int = 2, seed: int = 0, lr: float = 1e-4) -> Measurement:
+    """Run ``steps`` real training steps on a copy of ``model`` under MemTracker; return the peak by category.
+
+    One untracked warm-up step first creates the optimizer states, so the tracked steps are steady state.
+    Each step: ``loss = model(input_ids, labels=input_ids).loss; loss.backward(); optimizer.step();
+    optimizer.zero_grad(set_to_none=True)`` on random token ids (fixed ``seed``). Checkpointing is HF's
+    (non-reentrant) with ``enable_input_require_grads()``, as ``estimate`` assumes. model: an nn.Module
+    (HF causal LM), "smollm2-135m" or "tiny". MemTracker categories map to ours as Parameter + Buffer ->
+    weights, Gradient -> gradients, Optstate -> optimizer, Activation + Temp + Other (the ids) -> activations.
+    On CUDA ``allocator_peak`` adds torch.cuda.max_memory_allocated (which also sees kernel workspaces).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if method not in ("full", "lora"):
+        raise _checks.bad_choice("method", method, ("full", "lora"))
+    B, T = _checks.positive_int("batch_size", batch_size), _checks.positive_int("seq_len", seq_len)
+    _checks.positive_int("lora_rank", lora_rank), _checks.positive_int("steps", steps)
+    if optimizer not in ESTIMATE_OPTIMIZERS:
+        raise _checks.bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
+    m = _training_copy(model).train()
+    if method == "lora":
+        from ..lora import add_lora
+        lora_modules(as_spec(m), lora_targets)  # the same ValueError as estimate for a target matching nothing
+        add_lora(m, lora_targets, r=lora_rank, dropout=lora_dropout)
+    if gradient_checkpointing:
+        enable_checkpointing(m)
+    opt = _make_optimizer(optimizer, [p for p in m.parameters() if p.requires_grad], lr)
+    dev = next(m.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.config.vocab_size, (B, T), generator=gen).to(dev)  # (batch, seq)
+    after_forward: dict[str, int] = {}
+
+    def step(tracker=None) -> None:
+        loss = m(input_ids=ids, labels=ids).loss
+        if tracker is not None:
+            after_forward.update(_mt_snapshot(tracker, dev, "current"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        step()  # warm-up: creates the optimizer states
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0, peak = time.perf_counter(), {}
+        for _ in range(steps):
+            # A fresh tracker per step: one tracker across steps keeps the previous step's embedding output
+            # alive through its hooks when it is a leaf (enable_input_require_grads), which plain training
+            # does not. ``reset_mod_stats`` would be needed to reuse one.
+            mt = MemTracker()
+            mt.track_external(m, opt, ids)
+            for p in m.parameters():  # MemTracker hooks every parameter it sees, which raises for frozen
+                if not p.requires_grad:  # ones (LoRA): mark them as hooked already
+                    mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            with mt:
+                step(mt)
+            now = _mt_snapshot(mt, dev, "peak")
+            peak = now if now.get("Total", 0) > peak.get("Total", 0) else peak
+        seconds = time.perf_counter() - t0
+    alloc = None
+    if dev.type == "cuda":  # the allocator's view (includes what MemTracker cannot see: workspaces)
+        alloc = torch.cuda.max_memory_allocated(dev)
+    act = lambda s: s.get("Activation", 0) + s.get("Temp", 0) + s.get("Other", 0)
+    return Measurement(weights=peak.get("Parameter", 0) + peak.get("Buffer", 0), gradients=peak.get("Gradient", 0),
+                       optimizer=peak.get("Optstate", 0), activations=act(peak), total=peak.get("Total", 0),
+                       saved_activations=act(after_forward), snapshot=peak, seconds=seconds, allocator_peak=alloc,
+                       config=dict(method=method, optimizer=optimizer, batch_size=B, seq_len=T,
+                                   gradient_checkpointing=gradient_checkpointing,
+                                   lora_rank=lora_rank if method != "full" else None))
+
+
+
+def saved_by_module(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]:
+    """Bytes autograd saves for the backward in one training forward, by the module that first saves each
+    storage (parameters excluded, shared storages counted once): the activation formula, checked term by term.
+
+    Runs ``model(input_ids, labels=input_ids)`` in train mode under ``torch.autograd.graph.saved_tensors_hooks``
+    (what the loss saves is filed under ""). Not for checkpointed models (checkpoints keep their own hooks)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack, seen, hooks = [""], {}, []
+    for name, mod in model.named_modules():
+        if name:
+            hooks.append(mod.register_forward_pre_hook(lambda m, i, n=name: stack.append(n)))
+            hooks.append(mod.register_forward_hook(lambda m, i, o: stack.pop() and None))
+    keep = []  # hold the saved tensors so that no address is reused while we count
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in seen:
+            seen[st.data_ptr()] = (stack[-1], st.nbytes())
+        keep.append(t)
+        return t
+
+    was_training = model.training
+    try:
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=input_ids, labels=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out: dict[str, int] = {}
+    for where, nbytes in seen.values():
+        out[where] = out.get(where, 0) + nbytes
+    return out
