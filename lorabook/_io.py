@@ -8,10 +8,10 @@ the final name:
     write_folder(folder, files)   every file into a sibling temp folder, then the folder swapped in at once
     build_folder(folder, build)   the same for a folder that ``build(tmp_folder)`` fills (save_pretrained, ...)
 
-``write_folder`` keeps the files of an existing folder that it does not rewrite (a README beside an adapter),
-so it behaves like writing the files one by one, except that a failure at any point leaves the old folder as it
-was. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere it is two renames, and a crash
-between them leaves the old folder under a ``.name.old-*`` sibling.
+``write_folder`` keeps the files (and subfolders) of an existing folder that it does not rewrite (a README beside
+an adapter), so it behaves like writing the files one by one, except that a failure at any point leaves the old
+folder as it was. On Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call; elsewhere it is two renames, and a
+crash between them leaves the old folder under a ``.name.old-*`` sibling.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def write_folder(folder, files: dict[str, Callable[[Path], None]]) -> Path:
 def build_folder(folder, build: Callable[[Path], None], keep: Callable[[str], bool] = lambda name: False) -> Path:
     """``build(tmp)`` fills a temp folder beside ``folder``, which then replaces ``folder`` at once.
 
-    keep: which files of an existing ``folder`` to carry over (by name) before ``build`` runs."""
+    keep: which files and subfolders of an existing ``folder`` to carry over (by name) before ``build`` runs."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
@@ -75,7 +75,9 @@ def build_folder(folder, build: Callable[[Path], None], keep: Callable[[str], bo
     try:
         if folder.is_dir():
             for old in folder.iterdir():
-                if old.is_file() and keep(old.name):
+                if keep(old.name) and old.is_dir():  # a subfolder (a README's images) comes along whole
+                    shutil.copytree(old, tmp / old.name, copy_function=_link_or_copy)
+                elif keep(old.name) and old.is_file():
                     _link_or_copy(old, tmp / old.name)
         build(tmp)
         _swap_in(tmp, folder)

@@ -136,6 +136,7 @@ def add_adapter_houlsby(model, bottleneck: int = 64, activation: str = "gelu", i
 
     train_norms: also train the model's norms, as Houlsby et al. did (+2d per LayerNorm, +d per RMSNorm)."""
     _check_adapter_args(bottleneck, activation, init_std)
+    _checks.flag("train_norms", train_norms)
     _, layers, attn = _arch(model)
     d = model.config.hidden_size
     _add_adapters(model, [b for layer in layers for b in (getattr(layer, attn), layer.mlp)],

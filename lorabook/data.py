@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import _checks
 from ._io import write_file
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -177,8 +178,7 @@ def generate(seed: int = SEED, sizes: dict | None = None) -> dict[str, list[dict
     """All splits, deterministically from ``seed``; no SQL query appears in two splits (or twice in one)."""
     sizes = dict(SPLITS if sizes is None else sizes)
     for name, n in sizes.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"sizes[{name!r}] must be an int >= 0, got {n!r}")
+        _checks.integer(f"sizes[{name!r}]", n, low=0)
     rng = random.Random(seed)
     seen, pool = set(), []
     tables = sorted(TABLES)
@@ -212,16 +212,25 @@ def write_splits(out_dir: Path | str = DATA_DIR, seed: int = SEED) -> dict[str, 
 
 
 def load_split(name: str, data_dir: Path | str = DATA_DIR, n: int | None = None) -> list[dict]:
-    """The examples of split ``name`` ("train", "val" or "test"), the first ``n`` of them if given."""
+    """The examples of split ``name`` ("train", "val" or "test"), the first ``n`` of them if given; a line that is
+    not UTF-8 JSON of one example is a ValueError naming the file and the line."""
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; splits: {list(SPLITS)}")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
-        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    if n is not None:
+        _checks.positive_int("n", n)
     path = Path(data_dir) / f"sql_{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `python -m lorabook.data` to generate it")
-    with open(path, encoding="utf-8") as f:
-        examples = [json.loads(line) for line in f if line.strip()]
+    examples = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):  # a bad line is named by its number
+        try:
+            example = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            what = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+            raise ValueError(f"{path}, line {number}: {what} ({e}); regenerate it: python -m lorabook.data") from None
+        if not isinstance(example, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object (one example), got {raw[:60]!r}")
+        examples += [example] if raw.strip() else []
     return examples[:n]
 
 
@@ -273,8 +282,7 @@ def collate(batch: list[dict], tokenizer, max_len: int = 256, system: str | None
     labels = input_ids on the answer (SQL + end-of-turn token) and -100 on the prompt and the padding, so the
     loss teaches the answer only. Longer sequences are cut to max_len on the right.
     """
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 1:
-        raise ValueError(f"max_len must be an int > 1, got {max_len!r}")
+    _checks.integer("max_len", max_len, low=2)
     if not batch:
         raise ValueError("batch must hold at least one example")
     rows = []
@@ -326,9 +334,9 @@ def predict(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, ba
     """Greedy answers of ``model`` to ``examples`` (batched, left-padded, in the examples' order)."""
     from tqdm.auto import tqdm
 
+    _checks.module("model", model)
     for arg, v in dict(max_new_tokens=max_new_tokens, batch_size=batch_size).items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        _checks.positive_int(arg, v)
     prompts = [encode(ex, tokenizer, system)[0] for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     pad, device, was_training = _pad_id(tokenizer), next(model.parameters()).device, model.training
@@ -355,6 +363,7 @@ def predict(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, ba
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, batch_size: int = 16,
              system: str | None = SYSTEM_PROMPT, progress: bool = True) -> float:
     """Exact-match accuracy (0..1) of greedy generations against the examples' gold SQL."""
+    _checks.module("model", model)
     if not examples:
         raise ValueError("examples must not be empty")
     return accuracy(predict(model, tokenizer, examples, max_new_tokens, batch_size, system, progress), examples)
@@ -365,31 +374,6 @@ def accuracy(preds: list[str], examples: list[dict]) -> float:
     if len(preds) != len(examples):
         raise ValueError(f"preds has {len(preds)} answers for {len(examples)} examples")
     return sum(exact_match(p, ex["sql"]) for p, ex in zip(preds, examples)) / max(len(examples), 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A byte-level tokenizer with SmolLM2's chat template, for tiny random models (tests, quick demos)
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def byte_tokenizer():
-    """A tokenizer with ids 0-2 = <|endoftext|>, <|im_start|>, <|im_end|> (as in SmolLM2) and 256 byte tokens:
-    259 ids, so ``tiny_llama(vocab_size=259)`` can train on the real task with no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  unk_token="<|endoftext|>", additional_special_tokens=specials[:2])
-    tok.chat_template = CHATML
-    return tok
 
 
 if __name__ == "__main__":  # `python -m lorabook.data` regenerates data/sql_{train,val,test}.jsonl

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import _checks, lora
+from ._table import text_table
 from .baselines import prepare
 from .bench.harness import gpt2_config, gpt2_model, interleaved
 
@@ -31,8 +32,7 @@ def size_for_budget(method: str, config, budget: float) -> int:
     adapter_h: 2L(2dm + d + m) · adapter_l: L(2dm + m + 3d) · lora: L·r·(d + 3d) = 4Ldr (= q and v at rank r).
     GPT-2 medium: 0.5M → m 5 / m 9 / r 5 (541k / 516k / 492k); 11M → m 111 / m 222 / r 112 (11.0M each).
     """
-    if not budget > 0:
-        raise ValueError(f"budget must be > 0, got {budget!r}")
+    _checks.number("budget", budget, low=0, low_open=True)
     L, d = config.num_hidden_layers, config.hidden_size
     per = {"adapter_h": ((budget / (2 * L) - d) / (2 * d + 1)), "adapter_l": (budget / L - 3 * d) / (2 * d + 1),
            "lora": budget / (4 * L * d), "lora_merged": budget / (4 * L * d)}
@@ -117,9 +117,7 @@ def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, meth
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows of ``latency_table`` as a fixed-width text table."""
-    lines = [f"{'method':<12}{'batch':>6}{'seq':>6}{'size':>6}{'|Θ|':>12}{'ms':>10}{'±iqr':>8}{'overhead':>10}"]
-    for r in rows:
-        lines.append(f"{r['method']:<12}{r['batch']:>6}{r['seq']:>6}{r['size']:>6}{r['trainable']:>12,}"
-                     f"{r['ms']:>10.2f}{r['iqr_ms']:>8.2f}{r['overhead_pct']:>+9.1f}%")
-    return "\n".join(lines)
+    """The rows of ``latency_table`` as a text table."""
+    return text_table(["method", "batch", "seq", "size", "|Θ|", "ms", "±iqr", "overhead"],
+                      [[r["method"], r["batch"], r["seq"], r["size"], f"{r['trainable']:,}", f"{r['ms']:.2f}",
+                        f"{r['iqr_ms']:.2f}", f"{r['overhead_pct']:+.1f}%"] for r in rows], align="<>>>>>>>", rule=False)

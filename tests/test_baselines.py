@@ -387,7 +387,7 @@ def test_size_and_config_bad_input():
         latency.gpt2_config("gpt-3")
     with pytest.raises(ValueError, match="method must be one of"):
         latency.size_for_budget("bitfit", latency.gpt2_config(), 1e6)
-    with pytest.raises(ValueError, match="budget must be > 0"):
+    with pytest.raises(ValueError, match="budget must be a finite number > 0, got 0"):
         latency.size_for_budget("lora", latency.gpt2_config(), 0)
 
 

@@ -22,6 +22,18 @@ def test_json_output_has_the_documented_shape(capsys, monkeypatch):
     assert out["benchmark"] == "toy" and out["device"] == "cpu" and out["rows"][0]["ratio"] == 0.5
 
 
+def test_out_writes_the_json_with_its_date_and_refuses_all(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
+    monkeypatch.setattr(bench_cli, "load_all", lambda: bench.BENCHMARKS)
+    out = tmp_path / "toy.json"
+    assert bench_cli.main(["toy", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["rows"][0]["ratio"] == 0.5 and len(saved["when"]) == 10 and "ratio" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_cli.main(["all", "--out", str(out)])
+    assert "--out FILE takes one benchmark's result" in capsys.readouterr().err
+
+
 def test_table_output(capsys, monkeypatch):
     monkeypatch.setitem(bench.BENCHMARKS, "toy", lambda quick: [bench.row("a", "bytes", 1, "p", 2)])
     monkeypatch.setattr(bench_cli, "load_all", lambda: bench.BENCHMARKS)
@@ -40,7 +52,9 @@ def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
     from lorabook.bench.nf4 import nf4_bench
     rows = nf4_bench(quick=True)  # 512 x 512: a smoke test of the benchmark, not a timing
     dequantize = [r for r in rows if r["case"].endswith("dequantize") and r["metric"] == "seconds"]
-    assert {r["peer"] for r in dequantize} >= {"lorabook pytorch path", "naive byte lookup"}
+    assert {r["peer"] for r in dequantize} >= {"lorabook pytorch path", "lorabook reference path"}
+    quantize = [r for r in rows if r["case"].endswith("quantize") and not r["case"].endswith("dequantize")]
+    assert {r["peer"] for r in quantize} >= {"lorabook reference path"} and all(r["exact"] for r in quantize)
     assert all(r["exact"] for r in dequantize)
     assert all(r["exact"] for r in rows if r.get("goal"))  # both goals compare bit-identical results
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lorabook.models import byte_tokenizer
 from lorabook import data
 from lorabook.data import (IGNORE, collate, encode, exact_match, format_example, generate, load_split,
                            normalize_sql, to_jsonl)
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.byte_tokenizer()
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +71,30 @@ def test_load_split_first_n_and_bad_input(tmp_path):
     assert load_split("val", n=3) == load_split("val")[:3]
     with pytest.raises(ValueError, match="unknown split 'dev'.*train"):
         load_split("dev")
-    with pytest.raises(ValueError, match="n must be"):
-        load_split("val", n=0)
+    for bad in (0, -1, 2.0, True, float("nan")):
+        with pytest.raises(ValueError, match=f"n must be a positive int, got {bad!r}"):
+            load_split("val", n=bad)
     with pytest.raises(FileNotFoundError, match="python -m lorabook.data"):
         load_split("val", data_dir=tmp_path)
 
 
-def test_bad_sizes():
-    with pytest.raises(ValueError, match=r"sizes\['train'\]"):
-        generate(0, {"train": -1})
+@pytest.mark.parametrize("n", [-1, 1.5, True])
+def test_bad_sizes(n):
+    with pytest.raises(ValueError, match=rf"sizes\['train'\] must be an int >= 0, got {n!r}"):
+        generate(0, {"train": n})
+
+
+@pytest.mark.parametrize("bad, what", [(b'{"id": "val-00002", "sql": "SELECT', "not valid JSON"),
+                                       (b'{"id": "val-00002", "sql": "SELECT \xff"}', "not valid UTF-8"),
+                                       (b'["a list, not an example"]', "expected a JSON object")])
+def test_a_bad_line_is_named_by_file_and_number(tmp_path, bad, what):
+    lines = (data.DATA_DIR / "sql_val.jsonl").read_bytes().splitlines()[:4]
+    path = tmp_path / "sql_val.jsonl"
+    path.write_bytes(b"\n".join(lines[:2] + [bad] + lines[3:]) + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: {what}")):
+        load_split("val", data_dir=tmp_path)
+    path.write_bytes(b"\n".join(lines) + b"\n\n")  # a blank line is no example, and no error
+    assert load_split("val", data_dir=tmp_path) == load_split("val", n=4)
 
 
 def test_write_splits_is_atomic_and_identical(tmp_path):
@@ -126,7 +142,7 @@ def test_collate_cuts_at_max_len(tok, train):
     assert batch["input_ids"].shape == (2, 20) and (batch["labels"] == IGNORE).all()
 
 
-@pytest.mark.parametrize("max_len", [0, 1, 2.5, None])
+@pytest.mark.parametrize("max_len", [0, 1, 2.5, None, True])
 def test_collate_bad_max_len(tok, train, max_len):
     with pytest.raises(ValueError, match="max_len must be"):
         collate(train[:1], tok, max_len=max_len)
@@ -232,23 +248,25 @@ def test_batched_prediction_equals_one_at_a_time(tok):
     assert 0.0 <= data.evaluate(model, tok, examples, batch_size=4, **kw) <= 1.0
 
 
-def test_evaluate_counts_exact_matches(tok, monkeypatch):
+def test_evaluate_counts_exact_matches(tok, tiny, monkeypatch):
     examples = load_split("test", n=4)
     answers = [examples[0]["sql"].lower(), "nope", examples[2]["sql"] + ";", ""]
     monkeypatch.setattr(data, "predict", lambda *a, **k: answers)
-    assert data.evaluate(None, tok, examples) == 0.5
+    assert data.evaluate(tiny, tok, examples) == 0.5
 
 
 @pytest.mark.parametrize("kwargs, arg", [(dict(batch_size=0), "batch_size"), (dict(max_new_tokens=0),
-                                                                              "max_new_tokens")])
-def test_predict_bad_input(tok, kwargs, arg):
+                                                                              "max_new_tokens"),
+                                         (dict(batch_size=True), "batch_size must be a positive int, got True"),
+                                         (dict(max_new_tokens=4.0), "max_new_tokens must be a positive int")])
+def test_predict_bad_input(tok, tiny, kwargs, arg):
     with pytest.raises(ValueError, match=arg):
-        data.predict(None, tok, load_split("test", n=1), **kwargs)
+        data.predict(tiny, tok, load_split("test", n=1), **kwargs)
 
 
-def test_evaluate_needs_examples(tok):
+def test_evaluate_needs_examples(tok, tiny):
     with pytest.raises(ValueError, match="examples"):
-        data.evaluate(None, tok, [])
+        data.evaluate(tiny, tok, [])
 
 
 def test_byte_tokenizer_round_trips(tok):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import assert_same, poison_last_linear, snapshot
 from lorabook.quant import LinearNF4, quantize_model
 from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers, merge_lora, merged_adapter
 from lorabook.models import chat
@@ -177,3 +178,24 @@ def test_bad_input():
         quantize_model(nn.Sequential(nn.Linear(32, 64)), skip="0")
     with pytest.raises(ValueError, match="base must be an nn.Linear, a transformers Conv1D or a layer with a lora_base_layer"):
         LoRALinear(nn.Conv1d(4, 4, 1))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_bad_weight_in_the_last_layer_leaves_the_model_unchanged(tiny, value):
+    name = poison_last_linear(tiny, value)
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=f"{name}.weight: w contains NaN or Inf"):
+        quantize_model(tiny)
+    assert_same(snapshot(tiny), before)  # every layer was quantized before any was swapped in
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(blocksize=48), "blocksize must be a power of two"), (dict(blocksize=64.0), "blocksize must be a power"),
+    (dict(blocksize=True), "blocksize must be a power"), (dict(codebook="nf5"), "codebook must be one of"),
+    (dict(compute_dtype=torch.int8), "compute_dtype must be one of"), (dict(double_quant=1), "double_quant must be"),
+])
+def test_bad_quantize_model_settings_change_nothing(tiny, kwargs, match):
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=match):
+        quantize_model(tiny, **kwargs)
+    assert_same(snapshot(tiny), before)

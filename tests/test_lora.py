@@ -9,9 +9,11 @@ from hypothesis import given, settings, strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from conftest import assert_same, snapshot
 from lorabook.lora import (LoRALinear, active_adapter, adapter_names, add_lora, count_trainable, delete_adapter,
                            disable_adapters, find_targets, lora_layers, merge_and_unload, merge_lora,
                            merged_adapter, set_adapter, switch_adapter, unmerge_lora)
+from lorabook.models import tiny_llama
 
 
 def test_starts_at_the_base_model(tiny):
@@ -293,6 +295,16 @@ def test_a_rank_too_big_for_one_target_changes_nothing(tiny):
     assert not lora_layers(tiny) and all(p.requires_grad for p in tiny.parameters())
 
 
+@pytest.mark.parametrize("kwargs, match", [(dict(use_rslora=1), "use_rslora must be True or False, got 1"),
+                                           (dict(r=True), "r must be a positive int, got True"),
+                                           (dict(alpha=float("nan")), "alpha must be a finite number > 0")])
+def test_a_bad_setting_changes_nothing(tiny, kwargs, match):
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=match):
+        add_lora(tiny, "all-linear", **kwargs)
+    assert_same(snapshot(tiny), before)  # not even frozen
+
+
 def test_bad_adapter_name_and_base():
     for bad in ("", "a.b", "copy", "keys", 3):
         with pytest.raises(ValueError, match="adapter_name"):
@@ -314,3 +326,51 @@ def test_fp32_adapter_on_a_bf16_base_merges_and_unmerges():
     torch.testing.assert_close(layer(x), unmerged, rtol=0.05, atol=0.05)  # bf16 rounding of W0 + ΔW
     layer.unmerge()
     assert (layer.base.weight.float() - w0.float()).abs().max() <= 0.01  # bf16: within its rounding, not 1e-6
+
+
+# ---- a tied lm_head is never merged into; deleting the active adapter ---------------------------------------
+
+@pytest.mark.parametrize("call", [merge_lora, lambda m: switch_adapter(m, "default"), merge_and_unload],
+                         ids=["merge_lora", "switch_adapter", "merge_and_unload"])
+def test_lora_on_a_tied_head_is_never_merged(call):
+    tied = randomize_B(add_lora(tiny_llama(0, tie_embeddings=True), ["lm_head", "q_proj"], r=4))
+    assert tied.lm_head.base.weight is tied.model.embed_tokens.weight
+    before, embeddings = snapshot(tied), tied.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot merge adapter 'default' into lm_head: its weight is tied to "
+                                         r"\['model.embed_tokens.weight'\]"):
+        call(tied)
+    assert torch.equal(tied.model.embed_tokens.weight, embeddings) and merged_adapter(tied) is None
+    assert_same(snapshot(tied), before)  # the q_proj layers were not merged either
+
+
+def test_lora_on_an_untied_head_merges():
+    x = torch.randint(0, 256, (2, 8))
+    untied = randomize_B(add_lora(tiny_llama(0, tie_embeddings=False), ["lm_head", "q_proj"], r=4))
+    embeddings = untied.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = untied(x).logits
+        merge_and_unload(untied)
+        torch.testing.assert_close(untied(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert type(untied.lm_head) is nn.Linear and torch.equal(untied.model.embed_tokens.weight, embeddings)
+
+
+def test_deleting_the_active_adapter_switches_to_the_first_remaining_one():
+    x = torch.randint(0, 256, (2, 8))
+    base = tiny_llama(0)
+    with torch.no_grad():
+        plain = base(x).logits
+    two = two_adapters(copy.deepcopy(base))  # "default" on q and v, then "sql" (active) on q and o
+    only_default = add_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, alpha=8)  # never had "sql"
+    with torch.no_grad():
+        for path, m in lora_layers(only_default).items():
+            m.lora_A["default"].copy_(lora_layers(two)[path].lora_A["default"])
+            m.lora_B["default"].copy_(lora_layers(two)[path].lora_B["default"])
+    assert active_adapter(two) == "sql"
+    delete_adapter(two, "sql")
+    assert active_adapter(two) == "default" and adapter_names(two) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(two(x).logits, only_default(x).logits)
+        assert not torch.allclose(two(x).logits, plain)
+        delete_adapter(two, "default")  # the last one: the plain base model
+        assert not lora_layers(two) and type(two.model.layers[0].self_attn.q_proj) is nn.Linear
+        assert torch.equal(two(x).logits, plain)

@@ -11,6 +11,7 @@ from lorabook.lora import peft_format as lora_io
 from lorabook.lora import add_lora, adapter_names, lora_layers, merge_lora, set_adapter
 from lorabook.lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lorabook.models import tiny_llama
+from conftest import assert_same, snapshot
 from test_lora import randomize_B, tiny_gpt2
 
 peft = pytest.importorskip("peft")
@@ -117,18 +118,40 @@ def test_load_next_to_a_merged_adapter(tmp_path):
         load_adapter(model, d, adapter_name="default")
 
 
-def test_write_is_atomic(tmp_path, monkeypatch):
-    model, d = saved(tmp_path)
-    before = (d / WEIGHTS_NAME).read_bytes()
+def fail_at(point, monkeypatch):
+    """Make the next save_adapter fail at ``point``: while writing the weights, the config, carrying the folder's
+    other files over, or swapping the new folder in."""
+    import pathlib
     import safetensors.torch
+    from lorabook import _io
 
-    def crash(tensors, path, metadata=None):
-        open(path, "wb").write(b"half a fi")
-        raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        save_adapter(randomize_B(model, seed=5), d)
-    assert (d / WEIGHTS_NAME).read_bytes() == before and sorted(os.listdir(d)) == [CONFIG_NAME, WEIGHTS_NAME]
+    def crash(*args, **kwargs):
+        if point in ("weights", "config"):  # half a file first, as a full disk would leave
+            with open(args[1] if point == "weights" else args[0], "wb") as f:
+                f.write(b"half a fi")
+        raise OSError(f"disk full at {point}")
+    target = {"weights": (safetensors.torch, "save_file"), "config": (pathlib.Path, "write_text"),
+              "keeping the README": (_io, "_link_or_copy"), "swap": (_io, "_swap_in")}[point]
+    monkeypatch.setattr(*target, crash)
+
+
+@pytest.mark.parametrize("point", ["weights", "config", "keeping the README", "swap"])
+def test_a_failed_save_leaves_the_previous_adapter_loadable(tmp_path, monkeypatch, point):
+    rank4, d = saved(tmp_path)
+    (d / "README.md").write_text("my adapter\n")
+    rank8 = randomize_B(add_lora(tiny_llama(0), ["q_proj", "v_proj"], r=8, alpha=8), seed=5)
+    fail_at(point, monkeypatch)
+    with pytest.raises(OSError, match=f"disk full at {point}"):
+        save_adapter(rank8, d)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ad"]  # no temp folder or file beside it
+    assert sorted(os.listdir(d)) == sorted([CONFIG_NAME, "README.md", WEIGHTS_NAME])
+    loaded = load_adapter(tiny_llama(0), d)
+    assert {m.r["default"] for m in lora_layers(loaded).values()} == {4}
+    assert torch.equal(logits(loaded), logits(rank4)) and (d / "README.md").read_text() == "my adapter\n"
+    save_adapter(rank8, d)  # the same save, not failing: rank 8, the README kept
+    assert torch.equal(logits(load_adapter(tiny_llama(0), d)), logits(rank8))
+    assert (d / "README.md").read_text() == "my adapter\n" and os.listdir(tmp_path) == ["ad"]
 
 
 def test_save_errors(tmp_path):
@@ -161,11 +184,13 @@ def truncate(d):
 
 
 BAD = {
-    "truncated": (truncate, "truncated or corrupt"),
-    "corrupt": (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x00" * 64), "truncated or corrupt"),
+    "truncated": (truncate, f"{WEIGHTS_NAME} could not be read: truncated or corrupt"),
+    "corrupt": (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x00" * 64), f"{WEIGHTS_NAME} could not be read"),
     "no weights": (lambda d: (d / WEIGHTS_NAME).rename(d / "adapter_model.bin"), "only safetensors"),
     "no config": (lambda d: (d / CONFIG_NAME).unlink(), "no adapter_config.json"),
-    "bad json": (lambda d: (d / CONFIG_NAME).write_text("{"), "not valid JSON"),
+    "bad json": (lambda d: (d / CONFIG_NAME).write_text("{"), f"{CONFIG_NAME} is not valid JSON"),
+    "config not utf-8": (lambda d: (d / CONFIG_NAME).write_bytes(b'{"peft_type": "LORA\xff"}'),
+                         f"{CONFIG_NAME} is not valid UTF-8"),
     "not lora": (lambda d: rewrite_config(d, peft_type="IA3"), "peft_type must be 'LORA'"),
     "dora": (lambda d: rewrite_config(d, use_dora=True, bias="all"), "use_dora=True, bias='all'"),
     "pissa": (lambda d: rewrite_config(d, init_lora_weights="pissa"), "init_lora_weights='pissa'"),
@@ -185,18 +210,12 @@ BAD = {
 }
 
 
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-
 def assert_refused_and_unchanged(model, folder, match, **kwargs):
     """load_adapter raises a ValueError matching ``match`` and leaves every weight and module of ``model`` as it was."""
-    before_state, before_types = snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         load_adapter(model, folder, **kwargs)
-    state, types = snapshot(model)
-    assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
-    assert types == before_types
+    assert_same(snapshot(model), before)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -246,6 +265,7 @@ def test_lora_benchmarks_quick_run():
     assert torch.get_num_threads() == threads  # the 1-thread timing context restores the setting
     assert [r["peer"] for r in latency[:3]] == ["base", "base", f"peft {peft.__version__}"]
     assert latency[0]["goal"] == "<= 1.01" and latency[2]["max_abs_logit_diff"] <= 1e-5
+    assert latency[3]["peer"] == "lorabook reference forward" and latency[3]["max_abs_logit_diff"] <= 1e-5
     assert all(r["lorabook"] > 0 and r["peer_value"] > 0 for r in latency)
     step = lora_bench.lora_step(quick=True)
     assert [(r["metric"], r["peer"].split()[0]) for r in step] == [

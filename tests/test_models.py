@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lorabook
+from conftest import assert_same, snapshot
 from lorabook import models
 
 
@@ -77,7 +78,7 @@ def test_second_load_comes_from_the_cache_and_is_identical(smollm2, monkeypatch)
 
 
 def test_perplexity_is_exp_of_the_models_own_loss():
-    from lorabook.data import byte_tokenizer
+    from lorabook.models import byte_tokenizer
     from lorabook.models import perplexity, tiny_llama
     tok, model = byte_tokenizer(), tiny_llama(seed=0, vocab_size=len(byte_tokenizer()))
     text = "The light turns every night."
@@ -108,3 +109,15 @@ def test_enable_checkpointing_keeps_the_gradients(tiny):
         m(input_ids=ids, labels=ids).loss.backward()
         grads.append([p.grad for p in m.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and all(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_a_model_that_cannot_checkpoint_is_refused_unchanged(tiny):
+    tiny.supports_gradient_checkpointing = False
+    before = snapshot(tiny)
+    with pytest.raises(ValueError, match=r"cannot use gradient checkpointing: it lacks supports_gradient_checkp"):
+        models.enable_checkpointing(tiny)
+    assert_same(snapshot(tiny), before)
+    assert tiny.config.use_cache is not False and not any(getattr(m, "gradient_checkpointing", False)
+                                                          for m in tiny.modules())
+    with pytest.raises(ValueError, match="it lacks activation_checkpointing_enable"):
+        models.check_checkpointing(torch.nn.Linear(4, 4))

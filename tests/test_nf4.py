@@ -16,7 +16,7 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.usefixtures("one_thread")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_OF = {4: torch.int32, 2: torch.int16}  # to compare floats bit for bit (a -0.0 against 0.0 too)
-BACKENDS = ["torch"] + (["c"] if nf4_kernel.available() else [])  # dequantize_4bit's two ways (nf4_kernel)
+BACKENDS = ["reference", "torch"] + (["c"] if nf4_kernel.available() else [])  # dequantize_4bit's three ways
 
 
 def bnb_dequantize(packed, state):
@@ -32,10 +32,12 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_bit_exact(w, blocksize=64, codebook="nf4"):
-    q = quantize_4bit(w, blocksize=blocksize, codebook=codebook)
+    """Both ways to quantize (nearest_code "reference" and "fast") and every way to dequantize match bitsandbytes."""
     packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=codebook)
-    assert torch.equal(q.packed, packed.view(-1)), "packed bytes differ"
-    assert torch.equal(q.absmax, state.absmax), "absmax differs"
+    for backend in ("reference", "fast"):
+        q = quantize_4bit(w, blocksize=blocksize, codebook=codebook, backend=backend)
+        assert torch.equal(q.packed, packed.view(-1)), f"packed bytes differ ({backend})"
+        assert torch.equal(q.absmax, state.absmax), "absmax differs"
     theirs = bnb_dequantize(packed, state)
     for backend in BACKENDS:
         ours = dequantize_4bit(q, backend=backend)
@@ -80,20 +82,20 @@ def test_codebook_returns_a_copy_and_rejects_unknown_names():
 
 # ---- nearest level and packing ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["reference", "fast"])
 @pytest.mark.parametrize("name", nf4.CODEBOOKS)
-def test_nearest_code_equals_bucketize_on_every_cell_edge_and_midpoint(name):
-    below, midpoint, order = nf4._nearest_tables(name)
+def test_nearest_code_equals_bucketize_on_every_cell_edge_and_midpoint(name, backend):
+    """The first and last float of every 16-bit cell of the fast path's tables, every midpoint and its neighbours."""
     levels = nf4.codebook(name)
-    ordered = levels[torch.argsort(levels)]
+    order = torch.argsort(levels)
+    ordered = levels[order]
     mids = (ordered[:-1] + ordered[1:]) / 2
     top = torch.arange(2 ** 16, dtype=torch.int32) << 16
     edges = torch.cat([top.view(torch.float32), (top | 0xFFFF).view(torch.float32)])
     near_mids = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
     x = torch.cat([edges[torch.isfinite(edges)], near_mids, torch.tensor([float("inf"), -float("inf")])])
-    expected = torch.bucketize(x, mids)  # ties go to the lower level, as in bitsandbytes
-    if order is not None:
-        expected = torch.argsort(levels)[expected]
-    assert torch.equal(nf4.nearest_code(x, name).long(), expected)
+    expected = order[torch.bucketize(x, mids)]  # ties go to the lower level, as in bitsandbytes
+    assert torch.equal(nf4.nearest_code(x, name, backend=backend).long(), expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -344,17 +346,9 @@ def test_int8_absmax_bad_input():
 
 
 def test_nearest_code_wants_fp32_and_linear_nf4_is_in_the_quant_package():
-    with pytest.raises(TypeError, match="scaled must be a float32 tensor"):
-        nf4.nearest_code(torch.zeros(4, dtype=torch.bfloat16))
+    for backend in ("auto", "reference", "fast"):
+        with pytest.raises(TypeError, match="scaled must be a float32 tensor"):
+            nf4.nearest_code(torch.zeros(4, dtype=torch.bfloat16), backend=backend)
     import lorabook.quant
     from lorabook.quant.linear import LinearNF4
     assert lorabook.quant.LinearNF4 is LinearNF4  # the design's module map lists it under quant/
-
-
-def test_the_benchmarks_naive_peers_compute_the_same_thing():
-    from lorabook.bench.nf4 import naive_dequantize, naive_quantize
-    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
-    q = quantize_4bit(w)
-    packed, absmax = naive_quantize(w)
-    assert torch.equal(absmax, q.absmax) and (packed != q.packed).float().mean() < 0.01  # ÷ vs × 1/absmax
-    assert torch.equal(naive_dequantize(q.packed, q.absmax, w.shape, w.dtype), dequantize_4bit(q))

@@ -34,11 +34,13 @@ def fresh_kernel(monkeypatch, tmp_path):
 @pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocksize", nf4.BLOCKSIZES)
-def test_kernel_equals_the_pytorch_path(blocksize, dtype, simd):
+def test_kernel_equals_the_pytorch_paths(blocksize, dtype, simd):
     g = torch.Generator().manual_seed(blocksize)
     w = torch.randn(1_000_003, generator=g) * torch.logspace(-6, 2, 1_000_003)  # odd; fp16 subnormals and large
     q = quantize_4bit(w.to(dtype), blocksize=blocksize)
-    assert torch.equal(bits(kernel(q, dtype, simd)), bits(dequantize_4bit(q, backend="torch")))
+    ours = bits(kernel(q, dtype, simd))
+    assert torch.equal(ours, bits(dequantize_4bit(q, backend="torch")))
+    assert torch.equal(ours, bits(dequantize_4bit(q, backend="reference")))
 
 
 @needs_kernel
@@ -162,5 +164,5 @@ def test_bad_blocksize_is_refused(blocksize):
 
 
 def test_bad_backend():
-    with pytest.raises(ValueError, match="backend must be 'auto', 'c' or 'torch', got 'cuda'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'reference', 'torch', 'c'\], got 'cuda'"):
         dequantize_4bit(quantize_4bit(torch.randn(64)), backend="cuda")

@@ -4,13 +4,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 
+from conftest import assert_same, poison_last_linear, snapshot
 from lorabook.quant import LinearNF4, quantize_model
-from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers
+from lorabook.lora import add_lora, count_trainable, lora_layers
 from lorabook.lora import load_adapter, save_adapter
 from lorabook.models import tiny_llama
 from lorabook.paged import PagedAdamW
-from lorabook.qlora import prepare_qlora
+from lorabook.qlora import add_qlora, prepare_qlora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,14 +101,46 @@ def test_the_adapter_saves_in_peft_format_and_loads_on_a_full_precision_base(tmp
     (dict(compute_dtype=torch.int8), ValueError, "compute_dtype must be one of"),
     (dict(lr=-1.0), ValueError, "lr must be a finite number >= 0"),
     (dict(page_bytes=8), ValueError, "page_bytes must be an int >= 64"),
+    (dict(lr=float("nan")), ValueError, "lr must be a finite number"), (dict(r=True), ValueError, "r must be a pos"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be a finite"), (dict(blocksize=True), ValueError, "blocksize"),
+    (dict(double_quant=1), ValueError, "double_quant must be True or False, got 1"),
+    (dict(gradient_checkpointing="yes"), ValueError, "gradient_checkpointing must be True or False"),
 ])
 def test_bad_input_leaves_the_model_unchanged(kwargs, error, match):
     model = tiny_llama(0)
-    before = copy.deepcopy(model.state_dict())
+    before = snapshot(model)
     with pytest.raises(error, match=match):
         prepare_qlora(model, **{"r": 4, **kwargs})
-    assert not any(isinstance(m, (LoRALinear, LinearNF4)) for m in model.modules())
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_same(snapshot(model), before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("call", ["add_qlora", "prepare_qlora"])
+def test_a_bad_weight_in_the_last_layer_leaves_the_model_unchanged(call, value):
+    model = tiny_llama(0)
+    name = poison_last_linear(model, value)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"{name}.weight: w contains NaN or Inf"):
+        {"add_qlora": add_qlora, "prepare_qlora": prepare_qlora}[call](model, r=4)
+    assert_same(snapshot(model), before)
+
+
+def no_checkpointing_llama():
+    model = tiny_llama(0)
+    model.supports_gradient_checkpointing = False  # as a transformers model without it says
+    return model
+
+
+@pytest.mark.parametrize("make", [no_checkpointing_llama, lambda: nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))],
+                         ids=["unsupported", "not transformers"])
+def test_a_model_that_cannot_checkpoint_fails_before_anything_changes(make):
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="cannot use gradient checkpointing"):
+        add_qlora(model, r=4)
+    assert_same(snapshot(model), before)
+    add_qlora(model, r=4, gradient_checkpointing=False)  # the rest works on it
+    assert all(isinstance(m.base, LinearNF4) for m in lora_layers(model).values()) and lora_layers(model)
 
 
 def test_conv1d_layers_are_refused():

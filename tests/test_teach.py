@@ -324,6 +324,16 @@ def test_check_passes_a_good_notebook(tmp_path, capsys):
     assert "01_sums.ipynb: ok — 1 exercise; solutions run clean" in out
 
 
+def test_check_student_only_skips_the_instructor_run_but_still_checks_the_copy(tmp_path, capsys):
+    """``make test`` runs ``check --student-only``: nbval executes the instructor notebooks, so each runs once."""
+    wrong = save(exercise_nb(solution=SOLUTION.replace("math.fsum(xs)", "sum(xs)")), tmp_path, "01_a.ipynb")
+    rc, out, _ = cli(capsys, "check", "--student-only", wrong)
+    assert rc == 0 and "solutions not run (--student-only)" in out  # the wrong solution is nbval's to catch
+    later = save(exercise_nb(after="print(total([0.1] * 10))"), tmp_path, "02_b.ipynb")
+    rc, out, _ = cli(capsys, "check", "--student-only", later)
+    assert rc == 1 and "student copy: cell 6 raises NotImplementedError" in out
+
+
 def test_check_fails_when_a_later_cell_uses_the_students_function(tmp_path, capsys):
     rc, out, _ = cli(capsys, "check", save(exercise_nb(after="print(total([0.1] * 10))"), tmp_path))
     assert rc == 1

@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import assert_same, snapshot
 from lorabook import data, train as T
 from lorabook.train import __main__ as train_cli
 from lorabook.lora import add_lora
-from lorabook.models import tiny_llama
+from lorabook.models import byte_tokenizer, tiny_llama
 
-TOK = data.byte_tokenizer()
+TOK = byte_tokenizer()
 EXAMPLES = data.load_split("train", n=8)
 SHORT = dict(max_len=400, progress=False, log_every=0)
 
@@ -150,11 +151,24 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
     (dict(eval_every=2), "eval_examples"), (dict(resume=True), "checkpoint_dir"),
     (dict(batch_size=100), "batch_size=100 exceeds"), (dict(weight_decay=-1), "weight_decay"),
     (dict(optimizer="sgd"), "optimizer must be one of \\['adamw', 'paged_adamw'\\], got 'sgd'"),
+    # numbers are numbers: no NaN, no Inf, no bool where an int goes
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"), (dict(lr=float("nan")), "lr must be a finite"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number > 0, got nan"),
+    (dict(max_grad_norm=float("inf")), "max_grad_norm must be a finite"), (dict(steps=True), "steps must be a positive"),
+    (dict(batch_size=True), "batch_size must be a positive int, got True"), (dict(grad_accum=True), "grad_accum"),
+    (dict(seed=True), "seed must be an int >= 0, got True"), (dict(warmup_steps=0.5), "warmup_steps must be an int"),
+    (dict(min_lr_ratio=float("nan")), "min_lr_ratio must be a finite"), (dict(lr=True), "lr must be a finite number"),
+    (dict(progress=1), "progress must be True or False, got 1"), (dict(max_len=True), "max_len must be an int >= 2"),
 ])
 def test_bad_train_arguments(kwargs, arg):
     kw = dict(steps=2, lr=1e-3, batch_size=2, **SHORT) | kwargs
+    model = tiny_lora()
+    before, rng, mode = snapshot(model), torch.get_rng_state(), model.training
     with pytest.raises(ValueError, match=arg):
-        T.train(tiny_lora(), EXAMPLES, TOK, **kw)
+        T.train(model, EXAMPLES, TOK, **kw)
+    assert_same(snapshot(model), before)  # refused before anything started: weights, mode and RNG as they were
+    assert model.training == mode and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_empty_data_and_no_trainable_parameters():

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .._table import text_table
+
 __all__ = ["BENCHMARKS", "register", "row", "device_name", "format_table"]
 
 BENCHMARKS: dict[str, Callable[..., list[dict]]] = {}
@@ -46,11 +48,12 @@ def device_name() -> str:
     return f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
 
 
-def format_table(name: str, rows: list[dict]) -> str:
-    head = f"{'case':<40} {'metric':<10} {'lorabook':>14} {'peer':<22} {'peer value':>14} {'ratio':>7}"
-    lines = [f"== {name} on {device_name()} ==", head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['case']:<40} {r['metric']:<10} {r['lorabook']:>14.6g} {r['peer']:<22} "
-                     f"{r['peer_value']:>14.6g} {r['ratio']:>7.3f}" + ("" if "exact" not in r else
-                                                                         f"  exact={r['exact']}"))
-    return "\n".join(lines)
+def format_table(name: str, rows: list[dict], device: str | None = None) -> str:
+    """``== name on device ==`` and the rows: case, metric, lorabook, peer, peer value, ratio (and exact=...).
+
+    device: where the rows were measured (default: this machine's ``device_name()``)."""
+    table = text_table(["case", "metric", "lorabook", "peer", "peer value", "ratio", ""],
+                       [[r["case"], r["metric"], f"{r['lorabook']:.6g}", r["peer"], f"{r['peer_value']:.6g}",
+                         f"{r['ratio']:.3f}", f"exact={r['exact']}" if "exact" in r else ""] for r in rows],
+                       align="<<><>><")
+    return f"== {name} on {device or device_name()} ==\n{table}"

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
+from .._io import write_text
 from . import BENCHMARKS, __doc__ as bench_doc, device_name, format_table
 
 
@@ -25,16 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help=f"one of {sorted(benchmarks)} or 'all'")
     parser.add_argument("--json", action="store_true", help="print one JSON object per benchmark on stdout")
     parser.add_argument("--quick", action="store_true", help="smaller cases (a smoke run)")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON object (with the date) to FILE, e.g. "
+                                                      "data/bench_nf4.json for notebook 04 (one benchmark only)")
     args = parser.parse_args(argv)
     if args.name != "all" and args.name not in benchmarks:
         parser.error(f"unknown benchmark {args.name!r}; choose one of {sorted(benchmarks)} or 'all'")
+    if args.out and args.name == "all":
+        parser.error("--out FILE takes one benchmark's result; name one, not 'all'")
     names = sorted(benchmarks) if args.name == "all" else [args.name]
     for name in names:
         rows = benchmarks[name](quick=args.quick)
-        if args.json:
-            print(json.dumps({"benchmark": name, "device": device_name(), "rows": rows}))
-        else:
-            print(format_table(name, rows))
+        result = {"benchmark": name, "device": device_name(), "rows": rows}
+        print(json.dumps(result) if args.json else format_table(name, rows))
+        if args.out:
+            result["when"] = datetime.date.today().isoformat()
+            write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
     return 0
 
 

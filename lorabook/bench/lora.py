@@ -8,6 +8,8 @@ with random weights (latency does not depend on their values), eval mode, no_gra
     base                the plain GPT-2
     merged LoRA         lorabook, ΔW merged into W            goal: / base ≤ 1.01
     unmerged LoRA       lorabook, W x + s · B (A x)           goal: / base ≤ 1.10 at batch 1
+                        (``lora_forward_fused``: s · (A x) Bᵀ added into W x by one addmm), and against
+                        lorabook's readable path (``LoRALinear(backend="reference")``, ``lora_forward``)
     peft unmerged LoRA  peft's lora.Linear, same A, B, r, α    (lorabook / peft: lower is better)
     switch adapter      unmerge one adapter, merge another (lorabook ``switch_adapter`` vs peft's
                         unmerge_adapter + set_adapter + merge_adapter)
@@ -46,12 +48,8 @@ STEP_RANK, STEP_ALPHA = 8, 16  # step: the common q_proj, v_proj default
 
 
 @register("lora-latency")
+@threads()  # a context manager as a decorator: the whole benchmark on one CPU thread
 def lora_latency(quick: bool = False) -> list[dict]:
-    with threads():
-        return _lora_latency(quick)
-
-
-def _lora_latency(quick: bool) -> list[dict]:
     import peft
 
     dev = bench_device()
@@ -75,6 +73,13 @@ def _lora_latency(quick: bool) -> list[dict]:
 
     def use(layers):
         return lambda: [model.set_submodule(n, m) for n, m in layers.items()]
+
+    def use_ours(backend):
+        def setup():
+            use(ours)()
+            for layer in ours.values():
+                layer.backend = backend
+        return setup
 
     def merged_in():
         use(ours)()
@@ -107,12 +112,16 @@ def _lora_latency(quick: bool) -> list[dict]:
         variants = {"base": (use(base_layers), forward, nothing),
                     "merged": (merged_in, forward, merged_out),
                     "unmerged": (use(ours), forward, nothing),
+                    "reference": (use_ours("reference"), forward, use_ours("auto")),
                     "peft": (use(peft_layers), forward, nothing)}
         rounds, repeat = (3, 1) if quick else ((12, 1) if B * T <= 128 else (6, 1))
         t = interleaved(variants, rounds=rounds, repeat=repeat, warmup=1, device=dev)
         pr = lambda a, b: {"paired_ratio": paired_ratio(t[a], t[b], repeat)}
         use(ours)()
         out = forward()
+        use_ours("reference")()
+        reference_diff = (out - forward()).abs().max().item()
+        use_ours("auto")()
         use(peft_layers)()
         diff = (out - forward()).abs().max().item()
         case = f"GPT-2{' (quick)' if quick else ' M'} b{B} s{T}"
@@ -121,7 +130,9 @@ def _lora_latency(quick: bool) -> list[dict]:
                  row(f"{case}: unmerged LoRA", "seconds", t["unmerged"].median, "base", t["base"].median,
                      **({"goal": "<= 1.10"} if B == 1 else {}), **pr("unmerged", "base")),
                  row(f"{case}: unmerged LoRA", "seconds", t["unmerged"].median, f"peft {peft.__version__}",
-                     t["peft"].median, max_abs_logit_diff=diff, **pr("unmerged", "peft"))]
+                     t["peft"].median, max_abs_logit_diff=diff, **pr("unmerged", "peft")),
+                 row(f"{case}: unmerged LoRA", "seconds", t["unmerged"].median, "lorabook reference forward",
+                     t["reference"].median, max_abs_logit_diff=reference_diff, **pr("unmerged", "reference"))]
     use(ours)()
     merge_lora(model, "default")
     cycle = itertools.cycle(["two", "default"])
@@ -148,12 +159,8 @@ def _trainer(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 
 
 @register("lora-step")
+@threads()  # a context manager as a decorator: the whole benchmark on one CPU thread
 def lora_step(quick: bool = False) -> list[dict]:
-    with threads():
-        return _lora_step(quick)
-
-
-def _lora_step(quick: bool) -> list[dict]:
     import peft
 
     from ..memory import measure

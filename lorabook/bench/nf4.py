@@ -3,11 +3,13 @@
 For a 4096×4096 weight (``--quick``: 512×512), blocksize 64, in fp32 and in bf16, we time
 
     quantize     lorabook ``quantize_nf4``    vs bitsandbytes ``quantize_4bit(quant_type="nf4")``   goal ratio ≤ 1.0
-                                              vs a naive one: argmin |x / absmax - level| over the 16 levels
+                                              vs lorabook's readable path (``backend="reference"``: bucketize
+                                              against the 15 midpoints)
     dequantize   lorabook ``dequantize_nf4``  vs bitsandbytes ``dequantize_4bit``                   goal ratio ≤ 1.0
-                 (the compiled kernel)        vs lorabook's own PyTorch path (the fallback), and vs the kernel's
-                                              portable loop (no AVX-512)
-                                              vs a naive one: unpack the nibbles, index the levels, multiply
+                 (the compiled kernel)        vs lorabook's fast PyTorch path (the fallback), vs the kernel's
+                                              portable loop (no AVX-512), vs the kernel on 4 KB pages
+                                              vs lorabook's readable path (``backend="reference"``: unpack the
+                                              nibbles, index the levels, multiply by each block's absmax)
     bandwidth    dequantize's bytes (packed codes and absmax read, the weight written) per second, as a fraction
                  of this machine's memcpy bandwidth (a ``clone`` of the dequantized weight: read + write)
 
@@ -18,11 +20,12 @@ OpenMP through the system's libgomp, which ``torch.set_num_threads`` does not re
 
 What bitsandbytes' CPU path does: quantize_4bit is plain PyTorch (bucketize against the level midpoints);
 dequantize_4bit is one C loop over the bytes (OpenMP, AVX-512 permutes where the CPU has them). Ours
-(``lorabook.quant.cpu_kernel``) is one C loop too: per block a 16-entry table of ``level · absmax`` already rounded to the
-output dtype, then one AVX-512 permute per 16 (fp32) or 32 (bf16) values. Both write a freshly allocated output,
-whose first touch (page faults: the kernel zeroing each 4 KB page) costs about as much as the loop itself; the
-memcpy row pays it too. The PyTorch fallback makes two passes: an ``index_select`` into a table of level pairs,
-then one multiply per block.
+(``lorabook.quant.cpu_kernel``) is one C loop too: per block a 16-entry table of ``level · absmax`` already rounded
+to the output dtype, then one AVX-512 permute per 16 (fp32) or 32 (bf16) values. Both write a freshly allocated output,
+whose first touch (page faults: the operating system zeroing each 4 KB page) costs several times the loop itself;
+lorabook asks for 2 MB pages on it (``cpu_kernel.empty_huge_pages``), and the "4 KB pages" row is the same
+kernel without that advice. The memcpy row (a ``clone``) pays 4 KB faults too. The PyTorch fallback makes two
+passes: an ``index_select`` into a table of level pairs, then one multiply per block.
 """
 from __future__ import annotations
 
@@ -36,27 +39,6 @@ from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, threads
 from ..quant import cpu_kernel
 from ..quant.nf4 import codebook, dequantize_nf4, quantize_nf4
-
-
-def naive_quantize(w: torch.Tensor, blocksize: int = 64, chunk: int = 2 ** 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """The obvious way: scale each block by its absmax, take the nearest of the 16 levels by argmin, pack.
-
-    Returns (packed (numel / 2,) uint8, absmax (n_blocks,) fp32); needs numel to be a multiple of blocksize."""
-    levels = codebook("nf4").to(w.device)
-    blocks = w.reshape(-1, blocksize).float()
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)
-    codes = torch.cat([(part[:, None] - levels).abs().argmin(dim=1) for part in scaled.split(chunk)])  # (n,)
-    codes = codes.to(torch.uint8)
-    return (codes[0::2] << 4) | codes[1::2], absmax
-
-
-def naive_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype, blocksize: int = 64) -> torch.Tensor:
-    """The obvious way: split every byte into its two nibbles, look both up in the 16 levels, multiply by absmax."""
-    levels = codebook("nf4").to(packed.device)
-    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1).long()  # (n,)
-    values = levels[codes].view(-1, blocksize) * absmax[:, None]
-    return values.reshape(shape).to(dtype)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -100,32 +82,33 @@ def _nf4_bench(quick: bool) -> list[dict]:
         case = f"{side}x{side} {str(dtype).removeprefix('torch.')} bs64"
         q = quantize_nf4(w)
         packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        naive_packed, naive_absmax = naive_quantize(w)
+        reference = quantize_nf4(w, backend="reference")
         exact_q = torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
-        naive_same = torch.equal(q.packed, naive_packed) and torch.equal(q.absmax, naive_absmax)
+        reference_same = torch.equal(q.packed, reference.packed) and torch.equal(q.absmax, reference.absmax)
 
         t = interleaved({"lorabook": (nothing, lambda: quantize_nf4(w), nothing),
                          "bnb": (nothing, lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4"), nothing),
-                         "naive": (nothing, lambda: naive_quantize(w), nothing)},
+                         "reference": (nothing, lambda: quantize_nf4(w, backend="reference"), nothing)},
                         rounds=2 if quick else 3, repeat=1 if quick else 2, warmup=1, device=dev)
         repeat = 1 if quick else 2
         rows += [row(f"{case}: quantize", "seconds", t["lorabook"].median, peer, t["bnb"].median, exact=exact_q,
                      goal="<= 1.0", paired_ratio=paired_ratio(t["lorabook"], t["bnb"], repeat)),
-                 row(f"{case}: quantize", "seconds", t["lorabook"].median, "naive argmin", t["naive"].median,
-                     exact=naive_same)]
+                 row(f"{case}: quantize", "seconds", t["lorabook"].median, "lorabook reference path",
+                     t["reference"].median, exact=reference_same)]
 
         ours = dequantize_nf4(q)
         theirs = bnbf.dequantize_4bit(packed, state)
-        naive = naive_dequantize(q.packed, q.absmax, w.shape, dtype)
+        reference = dequantize_nf4(q, backend="reference")
         exact_d = torch.equal(_bits(ours), _bits(theirs))
         out_bytes = ours.numel() * ours.element_size()
         variants = {"lorabook": lambda: dequantize_nf4(q),
                     "bnb": lambda: bnbf.dequantize_4bit(packed, state),
                     "torch path": lambda: dequantize_nf4(q, backend="torch"),
-                    "naive": lambda: naive_dequantize(q.packed, q.absmax, w.shape, dtype),
+                    "reference": lambda: dequantize_nf4(q, backend="reference"),
                     "memcpy": lambda: ours.clone()}
-        if cpu_kernel.available():
-            variants["portable loop"] = lambda: _portable(q)
+        if cpu_kernel.available() and dev.type == "cpu":
+            variants["portable loop"] = lambda: _kernel(q, simd=False)
+            variants["4 KB pages"] = lambda: _kernel(q, huge_pages=False)
         t = interleaved({name: (nothing, fn, nothing) for name, fn in variants.items()},
                         rounds=3 if quick else 7, repeat=2 if quick else 3, warmup=1, device=dev)
         repeat = 2 if quick else 3
@@ -138,17 +121,20 @@ def _nf4_bench(quick: bool) -> list[dict]:
                  row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook pytorch path",
                      t["torch path"].median, exact=torch.equal(_bits(ours), _bits(variants["torch path"]())))]
         if "portable loop" in t:
-            rows.append(row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook portable C loop",
-                            t["portable loop"].median, exact=torch.equal(_bits(ours), _bits(_portable(q)))))
-        rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, "naive byte lookup",
-                     t["naive"].median, exact=torch.equal(_bits(ours), _bits(naive))),
+            rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook portable C loop",
+                         t["portable loop"].median, exact=torch.equal(_bits(ours), _bits(_kernel(q, simd=False)))),
+                     row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook C on 4 KB pages",
+                         t["4 KB pages"].median, exact=torch.equal(_bits(ours), _bits(_kernel(q, huge_pages=False))))]
+        rows += [row(f"{case}: dequantize", "seconds", t["lorabook"].median, "lorabook reference path",
+                     t["reference"].median, exact=torch.equal(_bits(ours), _bits(reference))),
                  row(f"{case}: dequantize", "GB/s", gbps(t["lorabook"].median), "memcpy (clone)",
                      2 * out_bytes / t["memcpy"].median / 1e9, bitsandbytes_gbps=gbps(t["bnb"].median))]
     return rows
 
 
-def _portable(q) -> torch.Tensor:
-    """The compiled kernel without AVX-512, into a fresh output like the others."""
-    out = torch.empty(q.shape, dtype=q.dtype)
-    cpu_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out.view(-1), q.blocksize, simd=False)
-    return out
+def _kernel(q, simd: bool = True, huge_pages: bool = True) -> torch.Tensor:
+    """The compiled kernel into a fresh output, as ``dequantize_nf4`` runs it; ``simd=False``: its portable loop
+    (no AVX-512); ``huge_pages=False``: a plain ``torch.empty`` output (4 KB pages)."""
+    out = cpu_kernel.empty_huge_pages(q.numel, q.dtype) if huge_pages else torch.empty(q.numel, dtype=q.dtype)
+    cpu_kernel.dequantize_into(q.packed, q.absmax, codebook(q.codebook), out, q.blocksize, simd=simd)
+    return out.view(q.shape)

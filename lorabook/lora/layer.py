@@ -25,7 +25,9 @@ step of W0 + ΔW (≈ 1e-7 · max|W0 + ΔW|).
 
 The forward a student reads is ``lora_forward`` -- the formula above in one line. ``LoRALinear`` runs
 ``lora_forward_fused`` beside it (backend "auto"/"fast"): the same sum with ``h Bᵀ`` added into the base output
-by one addmm (beta = 1), no (…, out) temporary; a property test proves both equal to fp32 rounding.
+by one addmm (beta = 1), no (…, out) temporary. The two agree to float32 rounding, outputs and gradients, not bit
+for bit (addmm sums in its own order; ``tests/test_lora_fused.py`` checks the bound); on a 16-bit base with fp32
+adapters the fused function hands over to the readable one, so there they agree bit for bit.
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Every linear layer's name; a LoRALinear counts as the linear it wraps (not twice)."""
+    _checks.module("model", model)
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     return [n for n, m in model.named_modules()
             if isinstance(m, LoRALinear) or (is_linear(m) and n.rpartition(".")[0] not in wrapped)]
@@ -62,6 +63,7 @@ def select(names: list[str], target_modules, head: str | None = None, arg: str =
 
 def output_head_name(model: nn.Module) -> str | None:
     """The name of the model's output head (``get_output_embeddings()``), or None."""
+    _checks.module("model", model)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
@@ -92,6 +94,7 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
     Everything is checked before the model changes (a name used twice, a bad rank for any layer).
     """
     names = check_lora_targets(model, target_modules, r, alpha, dropout, adapter_name)
+    _checks.flag("use_rslora", use_rslora)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -107,11 +110,15 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """path -> LoRALinear; every function here that takes a model starts from this (or ``linear_names``), so a
+    non-model (a str, None) is a TypeError naming ``model`` everywhere."""
+    _checks.module("model", model)
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), each tensor counted once."""
+    _checks.module("model", model)
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 

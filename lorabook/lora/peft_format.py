@@ -122,9 +122,10 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"directory {str(directory)!r} has no {CONFIG_NAME}: not a PEFT adapter folder")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))  # JSON is UTF-8 (RFC 8259), whatever the locale
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+        what = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+        raise ValueError(f"{path} is {what}: {e}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA', got "
                          f"{config.get('peft_type') if isinstance(config, dict) else config!r}")
@@ -155,7 +156,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) for a bad file
-        raise ValueError(f"{WEIGHTS_NAME} could not be read: truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path} could not be read: truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _pattern_value(patterns: dict, path: str, default):

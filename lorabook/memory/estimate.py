@@ -89,8 +89,7 @@ class ModelSpec:
 
     def __post_init__(self):
         for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
-                raise ValueError(f"ModelSpec.{k} must be a positive int, got {getattr(self, k)!r}")
+            _checks.positive_int(f"ModelSpec.{k}", getattr(self, k))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.mlp not in ("swiglu", "gelu"):
@@ -257,8 +256,7 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
             raise _checks.bad_choice(arg, value, allowed)
     B, T = _checks.positive_int("batch_size", batch_size), _checks.positive_int("seq_len", seq_len)
     r = _checks.positive_int("lora_rank", lora_rank)
-    if not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    _checks.number("lora_dropout", lora_dropout, low=0, high=1, high_open=True)
     N, d, V, L = B * T, spec.d_model, spec.vocab_size, spec.n_layers
     a = w = _BYTES[dtype]  # activation and weight element bytes
     full = method == "full"

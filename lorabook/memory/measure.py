@@ -53,8 +53,8 @@ class Measurement:
 
 
 def _training_copy(model) -> nn.Module:
-    if isinstance(model, nn.Module):
-        copied = copy.deepcopy(model)  # the caller's model is never touched
+    if not isinstance(model, str):
+        copied = copy.deepcopy(_checks.module("model", model))  # the caller's model is never touched
     elif model == "smollm2-135m":
         from ..models import load_base_model
         copied = load_base_model()[0]
@@ -169,6 +169,7 @@ def saved_by_module(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]
 
     Runs ``model(input_ids, labels=input_ids)`` in train mode under ``torch.autograd.graph.saved_tensors_hooks``
     (what the loss saves is filed under ""). Not for checkpointed models (checkpoints keep their own hooks)."""
+    _checks.module("model", model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     stack, seen, hooks = [""], {}, []
     for name, mod in model.named_modules():

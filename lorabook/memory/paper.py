@@ -10,6 +10,7 @@ use GB = 1e9 and MB = 1e6 bytes; ``Estimate.table()`` prints binary MiB / GiB.
 """
 from __future__ import annotations
 
+from .._table import text_table
 from .estimate import as_spec, estimate, lora_modules
 
 __all__ = ["seed_four_slots", "seed_gpt3_lora", "seed_qlora_llama7b", "format_rows"]
@@ -117,9 +118,6 @@ def seed_qlora_llama7b(seq_len: int | None = None) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The rows as an aligned text table."""
-    keys = ["quantity", "paper", "ours", "note"]
-    width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys[:3]}
-    lines = ["  ".join(k.ljust(width[k]) for k in keys[:3]) + "  note"]
-    lines += ["  ".join(str(r[k]).ljust(width[k]) for k in keys[:3]) + "  " + r["note"] for r in rows]
-    return "\n".join(lines)
+    """The rows as an aligned text table: quantity, paper, ours, note."""
+    return text_table(["quantity", "paper", "ours", "note"],
+                      [[r["quantity"], r["paper"], r["ours"], r["note"]] for r in rows], rule=False)

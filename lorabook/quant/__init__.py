@@ -4,14 +4,16 @@
                      to_bnb / from_bnb (bit-exact with bitsandbytes)
     double_quant.py  the block constants quantized again (8-bit dynamic map, blocks of 256), bits per parameter
     linear.py        LinearNF4 (a frozen 4-bit linear layer; LoRA on top = the QLoRA layer), quantize_model
+    fast.py          nf4's fast PyTorch paths (lookup tables), bit-exact with its readable reference functions
     cpu_kernel.py    the dequantize loop in C (AVX-512 where present), compiled on first use; nf4's fast CPU path
 """
 from .double_quant import (DoubleQuantState, bits_per_parameter, bits_per_parameter_formula, double_dequantize,
                            double_quantize, dynamic_map)
 from .linear import LinearNF4, quantize_model
-from .nf4 import (QuantizedTensor, codebook, dequantize_4bit, dequantize_nf4, nf4_codebook, quantize_4bit,
-                  quantize_nf4)
+from .nf4 import (QuantizedTensor, codebook, dequantize_4bit, dequantize_4bit_reference, dequantize_nf4,
+                  nf4_codebook, quantize_4bit, quantize_nf4)
 
 __all__ = ["DoubleQuantState", "bits_per_parameter", "bits_per_parameter_formula", "double_dequantize",
            "double_quantize", "dynamic_map", "LinearNF4", "quantize_model", "QuantizedTensor", "codebook",
-           "dequantize_4bit", "dequantize_nf4", "nf4_codebook", "quantize_4bit", "quantize_nf4"]
+           "dequantize_4bit", "dequantize_4bit_reference", "dequantize_nf4", "nf4_codebook", "quantize_4bit",
+           "quantize_nf4"]

@@ -23,7 +23,7 @@ from .. import _checks
 from .double_quant import DoubleQuantState
 from ..lora.layer import BaseLayer
 from ..lora.model import output_head_name
-from .nf4 import FLOAT_DTYPES, QuantizedTensor, dequantize_4bit, quantize_4bit
+from .nf4 import FLOAT_DTYPES, QuantizedTensor, check_blocksize, check_codebook, dequantize_4bit, quantize_4bit
 
 _FP32_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_absmax_offset")
 
@@ -138,11 +138,19 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
         raise ValueError(f"skip must be a tuple of module names, got {skip!r}")
     if isinstance(model, nn.Linear):
         raise TypeError("model is a single nn.Linear; use LinearNF4.from_linear(model)")
+    check_blocksize(blocksize), check_codebook(codebook), _checks.flag("double_quant", double_quant)
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES} or None, got {compute_dtype}")
     head = output_head_name(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head and n not in skip]
-    quantized = {name: LinearNF4.from_linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant,
-                                             compute_dtype=compute_dtype, codebook=codebook)
-                 for name in names}  # (4-bit: an eighth of the fp32 weights more, for the moment)
+    quantized = {}  # every layer first (4-bit: an eighth of the fp32 weights more, for the moment), then the swap
+    for name in names:
+        try:
+            quantized[name] = LinearNF4.from_linear(model.get_submodule(name), blocksize=blocksize,
+                                                    double_quant=double_quant, compute_dtype=compute_dtype,
+                                                    codebook=codebook)
+        except (ValueError, TypeError) as e:  # the settings are checked above: this is the layer's weight
+            raise type(e)(f"{name}.weight: {e}") from None
     for name, layer in quantized.items():
         model.set_submodule(name, layer)
     return model

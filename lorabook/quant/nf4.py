@@ -22,6 +22,11 @@ absmax clamped to 1e-38), except in a last, partial block, which is divided by i
 is the clamped one; a tie between two levels goes to the lower one; an odd count is padded with the code of 0.0.
 Dequantization computes ``code · absmax`` in fp32 and rounds to the output dtype once.
 Double quantization of the absmax lives in ``lorabook.quant.double_quant``; ``LinearNF4`` in ``lorabook.quant.linear``.
+
+The readable path first, the fast path beside it: ``nearest_code_reference`` and ``dequantize_4bit_reference`` are
+the formulas above in a few lines each; ``lorabook.quant.fast`` (lookup tables, PyTorch) and
+``lorabook.quant.cpu_kernel`` (a compiled loop) compute the same, bit for bit, faster. ``nearest_code``,
+``quantize_4bit`` and ``dequantize_4bit`` take ``backend=`` and default to the fastest one available.
 """
 from __future__ import annotations
 
@@ -30,13 +35,16 @@ from functools import lru_cache
 
 import torch
 
-from . import cpu_kernel
+from .. import _checks
+from . import cpu_kernel, fast
 from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 CODEBOOKS = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NF4_OFFSET = 0.9677083  # the outermost quantile used for ±1 (bitsandbytes' choice)
+NEAREST_BACKENDS = ("auto", "reference", "fast")  # nearest_code / quantize_4bit
+DEQUANTIZE_BACKENDS = ("auto", "reference", "torch", "c")  # dequantize_4bit
 
 
 # ---- the codebooks: 16 values in code order, normalised to [-1, 1] ------------------------------------------
@@ -91,9 +99,11 @@ def check_codebook(name) -> str:
 
 
 def check_blocksize(blocksize) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, one of {BLOCKSIZES}; got {blocksize!r}")
-    return blocksize
+    try:  # an int (not a bool, not 64.0), then one of the sizes
+        return _checks.choice("blocksize", _checks.integer("blocksize", blocksize), BLOCKSIZES)
+    except ValueError:
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, one of {BLOCKSIZES}; "
+                         f"got {blocksize!r}") from None
 
 
 # ---- the seed's int8 absmax formula -------------------------------------------------------------------------
@@ -118,42 +128,33 @@ def dequantize_int8_absmax(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.d
 
 # ---- nearest level and packing ------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def _nearest_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Tables over the top 16 bits of a float32 that give the index of its nearest level (ties go lower).
-
-    The 2^16 values sharing the top 16 bits form an interval of the reals that contains at most one midpoint
-    between two levels. So  sorted_index(x) = below[cell] + (x > midpoint[cell])  (+inf when the cell has none),
-    which equals ``torch.bucketize(x, midpoints)``, the rule bitsandbytes uses, for every finite float.
-    Returns (below (65536,) uint8, midpoint (65536,) fp32, order: sorted position -> code, or None if sorted)."""
-    levels = _codebook(name)
-    order = torch.argsort(levels)  # the call bitsandbytes makes; FP4's code order is not sorted
-    ordered = levels[order]
-    midpoints = (ordered[:-1] + ordered[1:]) / 2  # (15,) fp32
-    top = torch.arange(2 ** 16, dtype=torch.int32) << 16  # each cell's bit pattern with the low 16 bits 0 …
-    first, last = top.view(torch.float32), (top | 0xFFFF).view(torch.float32)  # … and all 1
-    last = torch.where(torch.isnan(last), first, last)  # ±inf share a cell with NaN payloads: keep ±inf's answer
-    a, b = torch.bucketize(first, midpoints), torch.bucketize(last, midpoints)
-    below, above = torch.minimum(a, b), torch.maximum(a, b)
-    if (above - below).max() > 1:
-        raise AssertionError(f"two {name} midpoints share a 16-bit cell")  # cannot happen for these codebooks
-    midpoint = torch.where(above > below, midpoints[below.clamp(max=14)], torch.tensor(float("inf")))
-    identity = torch.equal(order, torch.arange(16))
-    return below.to(torch.uint8), midpoint, None if identity else order.to(torch.uint8)
-
-
-def nearest_code(scaled: torch.Tensor, name: str = "nf4") -> torch.Tensor:
+def nearest_code_reference(scaled: torch.Tensor, name: str = "nf4") -> torch.Tensor:
     """The code of the nearest level for every value of a flat fp32 tensor (already divided by its absmax).
 
-    (n,) fp32 -> (n,) uint8. Two table lookups and a comparison per value instead of a binary search."""
+    (n,) fp32 -> (n,) uint8. Sort the levels, find each value's place among the 15 midpoints between neighbours
+    (a value on a midpoint goes to the lower level, as in bitsandbytes), and map the place back to its code."""
+    _check_scaled(scaled)
+    levels = _codebook(check_codebook(name))  # (16,) in code order
+    order = torch.argsort(levels)  # sorted position -> code (FP4's code order is not sorted)
+    ordered = levels[order]
+    midpoints = (ordered[:-1] + ordered[1:]) / 2  # (15,)
+    place = torch.bucketize(scaled, midpoints.to(scaled.device))  # (n,) 0..15: midpoints[place - 1] < x <= ...
+    return order.to(scaled.device, torch.uint8)[place]
+
+
+def nearest_code(scaled: torch.Tensor, name: str = "nf4", backend: str = "auto") -> torch.Tensor:
+    """``nearest_code_reference``, computed by ``backend``: "reference" (the binary search above), "fast" (two
+    lookups in tables over the top 16 bits of each float, ``lorabook.quant.fast``), "auto" (= "fast").
+    Both give the same code for every input but NaN (which ``quantize_4bit`` refuses)."""
+    if _checks.choice("backend", backend, NEAREST_BACKENDS) == "reference":
+        return nearest_code_reference(scaled, name)
+    _check_scaled(scaled)
+    return fast.nearest_code(scaled, _codebook(check_codebook(name)))
+
+
+def _check_scaled(scaled) -> None:
     if not isinstance(scaled, torch.Tensor) or scaled.dtype != torch.float32:
         raise TypeError(f"scaled must be a float32 tensor, got {getattr(scaled, 'dtype', type(scaled).__name__)}")
-    below, midpoint, order = (None if t is None else t.to(scaled.device)
-                              for t in _nearest_tables(check_codebook(name)))
-    cell = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)  # (n,) top 16 bits, 0 … 65535
-    codes = torch.index_select(below, 0, cell)
-    codes += scaled > torch.index_select(midpoint, 0, cell)
-    return codes if order is None else torch.index_select(order, 0, codes.int())
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
@@ -169,27 +170,6 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of ``pack_4bit``: (ceil(n / 2),) uint8 -> (n,) uint8 codes."""
     return torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1).view(-1)[:n]
-
-
-@lru_cache(maxsize=None)
-def _pair_table(name: str) -> torch.Tensor:
-    """(256,) float64 views of level pairs: entry b holds (level[b >> 4], level[b & 15]), the two fp32 values
-    byte b decodes to. One 8-byte element per byte, so one ``index_select`` decodes a whole byte (2 KB: in L1)."""
-    levels = _codebook(name)
-    byte = torch.arange(256)
-    return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1).contiguous().view(torch.float64).view(-1)
-
-
-def _decode(packed: torch.Tensor, name: str, out: torch.Tensor, index: torch.Tensor) -> None:
-    """Write the levels of (nbytes,) packed codes into ``out`` (2 · nbytes,) fp32, high nibble first.
-
-    index: an int32 scratch buffer of at least nbytes entries (index_select wants int32 or int64 indices)."""
-    index = index[:packed.numel()]
-    index.copy_(packed)  # (nbytes,) uint8 -> int32
-    torch.index_select(_pair_table(name).to(packed.device), 0, index, out=out.view(torch.float64))
-
-
-DECODE_CHUNK = 2 ** 18  # values per step: a multiple of every blocksize; their fp32 values (1 MB) stay in cache
 
 
 # ---- the quantized tensor -----------------------------------------------------------------------------------
@@ -268,14 +248,15 @@ def _check_finite(absmax: torch.Tensor, w: torch.Tensor, arg: str = "w") -> None
 
 
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, codebook: str = "nf4",
-                  double_quant: bool = False) -> QuantizedTensor:
+                  double_quant: bool = False, backend: str = "auto") -> QuantizedTensor:
     """Blockwise absmax 4-bit quantization of ``w`` (any shape; fp32, fp16 or bf16), read flat in blocks.
 
     Bit-exact with ``bitsandbytes.functional.quantize_4bit(w, blocksize=..., quant_type=codebook,
-    compress_statistics=double_quant)`` for "nf4" and "fp4"."""
+    compress_statistics=double_quant)`` for "nf4" and "fp4". backend: ``nearest_code``'s ("auto" = "fast")."""
     w = _check_weight(w)
     check_blocksize(blocksize)
     check_codebook(codebook)
+    _checks.choice("backend", backend, NEAREST_BACKENDS)
     flat = w.reshape(-1)  # (n,)
     n = flat.numel()
     n_full = n // blocksize  # complete blocks
@@ -294,54 +275,61 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, codebook: str = "nf4",
         torch.div(tail, absmax[-1], out=scaled[n_full * blocksize:n])
     if n % 2:
         scaled[-1] = 0.0  # pad to whole bytes with the code of 0.0
-    packed = pack_4bit(nearest_code(scaled, codebook))  # (ceil(n / 2),)
+    packed = pack_4bit(nearest_code(scaled, codebook, backend))  # (ceil(n / 2),)
     double = double_quantize(absmax) if double_quant else None
     return QuantizedTensor(packed=packed, absmax=None if double_quant else absmax, shape=w.shape, dtype=w.dtype,
                            blocksize=blocksize, codebook=codebook, double=double)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> QuantizedTensor:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
+                 backend: str = "auto") -> QuantizedTensor:
     """``quantize_4bit`` with the NF4 codebook."""
-    return quantize_4bit(w, blocksize=blocksize, codebook="nf4", double_quant=double_quant)
+    return quantize_4bit(w, blocksize=blocksize, codebook="nf4", double_quant=double_quant, backend=backend)
+
+
+def dequantize_4bit_reference(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """w ≈ level[code] · absmax of its block, in fp32, rounded once to ``dtype`` (default: ``q``'s own dtype).
+
+    packed (ceil(n / 2),) uint8 -> codes (n,) -> levels (n,) fp32 -> times absmax[i // blocksize] -> q.shape."""
+    dtype = _check_dequantize(q, dtype)
+    levels = _codebook(q.codebook).to(q.packed.device)  # (16,)
+    values = levels[unpack_4bit(q.packed, q.numel).long()]  # (n,) fp32: each code's level
+    scale = q.block_absmax().repeat_interleave(q.blocksize)[:q.numel]  # (n,) each value's block absmax
+    return (values * scale).to(dtype).view(q.shape)
 
 
 def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
-    """level[code] · absmax in fp32, rounded once to ``dtype`` (default: the dtype ``q`` was quantized from).
+    """``dequantize_4bit_reference``, computed by ``backend``, bit for bit the same (and bitsandbytes'
+    ``dequantize_4bit``):
 
-    backend: "c" -- the compiled one-pass loop of ``lorabook.quant.cpu_kernel`` (CPU only); "torch" -- plain PyTorch,
-    any device; "auto" -- "c" where it is available, else "torch". Both are bit-exact with
-    ``bitsandbytes.functional.dequantize_4bit``."""
+        "reference"  the formula above, step by step (any device)
+        "torch"      ``lorabook.quant.fast``: a table of level pairs, one multiply per block, in chunks (any device)
+        "c"          ``lorabook.quant.cpu_kernel``: one compiled loop (CPU only)
+        "auto"       "c" on the CPU where the kernel is available, else "torch"
+
+    On the CPU "torch" and "c" write into ``cpu_kernel.empty_huge_pages``: a fresh tensor on 2 MB pages."""
+    if _checks.choice("backend", backend, DEQUANTIZE_BACKENDS) == "reference":
+        return dequantize_4bit_reference(q, dtype)
+    dtype = _check_dequantize(q, dtype)
+    on_cpu = q.packed.device.type == "cpu"
+    if backend == "auto":
+        backend = "c" if on_cpu and cpu_kernel.available() else "torch"
+    out = cpu_kernel.empty_huge_pages(q.numel, dtype) if on_cpu else torch.empty(q.numel, dtype=dtype,
+                                                                                 device=q.packed.device)
+    kernel = cpu_kernel if backend == "c" else fast
+    kernel.dequantize_into(q.packed, q.block_absmax().contiguous(), _codebook(q.codebook), out, q.blocksize)
+    return out.view(q.shape)
+
+
+def _check_dequantize(q, dtype) -> torch.dtype:
+    """The dtype to dequantize ``q`` to, once ``q`` is known to be a whole QuantizedTensor."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
-    if backend not in ("auto", "c", "torch"):
-        raise ValueError(f"backend must be 'auto', 'c' or 'torch', got {backend!r}")
     q.validate()  # its fields may have been changed since it was made
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    absmax, n, bs = q.block_absmax(), q.numel, q.blocksize
-    device = q.packed.device
-    out = torch.empty(n, dtype=dtype, device=device)  # (n,)
-    if backend == "c" or (backend == "auto" and device.type == "cpu" and cpu_kernel.available()):
-        cpu_kernel.dequantize_into(q.packed, absmax.contiguous(), _codebook(q.codebook), out, bs)
-        return out.view(q.shape)
-    chunk = min(n + n % 2, DECODE_CHUNK)
-    index = torch.empty(chunk // 2, dtype=torch.int32, device=device)  # scratch for _decode
-    buffer = torch.empty(chunk, device=device) if dtype != torch.float32 or n % 2 else None
-    for start in range(0, n, DECODE_CHUNK):  # chunk by chunk: the fp32 values are scaled while still in cache
-        stop = min(start + DECODE_CHUNK, n)
-        m = stop - start
-        # decode straight into an fp32 output; into the fp32 buffer for another dtype or an odd count
-        values = out[start:stop] if buffer is None else buffer[:m + m % 2]
-        _decode(q.packed[start // 2:(stop + 1) // 2], q.codebook, values, index)
-        values = values[:m]  # an odd count has one padding value more
-        first, full = start // bs, m // bs  # this chunk's first block, its complete blocks
-        values[:full * bs].view(full, bs).mul_(absmax[first:first + full, None])
-        if m % bs:
-            values[full * bs:].mul_(absmax[-1])  # the last, partial block
-        if buffer is not None:
-            out[start:stop] = values  # rounds fp32 to dtype once
-    return out.view(q.shape)
+    return dtype
 
 
 dequantize_nf4 = dequantize_4bit

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import nbformat
 
+from .._io import write_text
 from .colab import add_colab_cells, cell_tags, lint_colab, repo_and_branch
 
 DEFAULT_GLOB = "notebooks/[0-9][0-9]_*.ipynb"
@@ -83,15 +82,8 @@ def read(path: Path):
 
 
 def write(nb, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            nbformat.write(nb, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write atomically (``lorabook._io.write_text``: a temporary file in the same folder, then a rename)."""
+    write_text(path, nbformat.writes(nb) + "\n")
 
 
 def _meta(cell) -> dict:
@@ -294,19 +286,23 @@ def strip_volatile(nb) -> None:
         del nb.metadata["widgets"]
 
 
-def check_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
-    """(problems, summary): the solutions run clean and, in the student copy, exactly the check cells fail."""
+def check_notebook(path: Path, timeout: int, instructor: bool = True) -> tuple[list[str], str]:
+    """(problems, summary): the solutions run clean and, in the student copy, exactly the check cells fail.
+
+    instructor=False skips the run of the instructor version (``--student-only``: when another runner, such as
+    ``make test``'s nbval, executes the instructor notebooks anyway, each runs once per test run)."""
     nb = read(path)
     problems = lint_exercises(nb)
     if problems:
         return problems, "cell conventions broken; not executed"
     expected = {grade: sol for sol, grade in exercises(nb)}
     t0 = time.perf_counter()
-    errors, stopped = execute(copy.deepcopy(nb), path.parent, timeout)
+    if instructor:
+        errors, stopped = execute(copy.deepcopy(nb), path.parent, timeout)
+        problems += [f"instructor: execution stopped: {stopped}"] if stopped else []
+        problems += [f"instructor: cell {i} raises {e}: {v}" for i, (e, v) in errors.items()
+                     if not raises_on_purpose(nb.cells[i])]
     t1 = time.perf_counter()
-    problems += [f"instructor: execution stopped: {stopped}"] if stopped else []
-    problems += [f"instructor: cell {i} raises {e}: {v}" for i, (e, v) in errors.items()
-                 if not raises_on_purpose(nb.cells[i])]
     student = student_copy(nb)
     errors, stopped = execute(student, path.parent, timeout)
     t2 = time.perf_counter()
@@ -322,8 +318,9 @@ def check_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
         if i not in expected and not raises_on_purpose(nb.cells[i]):
             problems.append(f"student copy: cell {i} raises {e}: {v} — only check cells may fail; later cells "
                             f"must use the library's version, not the student's")
-    summary = (f"{_count(len(expected), 'exercise')}; solutions run clean ({t1 - t0:.1f} s); in the student copy exactly "
-               f"the check cells fail ({t2 - t1:.1f} s)")
+    ran = f"solutions run clean ({t1 - t0:.1f} s)" if instructor else "solutions not run (--student-only)"
+    summary = (f"{_count(len(expected), 'exercise')}; {ran}; in the student copy exactly the check cells fail "
+               f"({t2 - t1:.1f} s)")
     return problems, summary
 
 
@@ -380,8 +377,8 @@ def run_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
         f"ran in {seconds:.1f} s"
 
 
-def check_command(paths: list[Path], timeout: int) -> int:
-    return _report_each(paths, lambda path: check_notebook(path, timeout))
+def check_command(paths: list[Path], timeout: int, instructor: bool = True) -> int:
+    return _report_each(paths, lambda path: check_notebook(path, timeout, instructor))
 
 
 def run_command(paths: list[Path], timeout: int) -> int:

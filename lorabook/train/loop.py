@@ -12,7 +12,8 @@ count), so ``grad_accum=2, batch_size=4`` computes the same gradient as ``grad_a
 Checkpoint/resume reproduces the loss curve bit for bit: one file ``checkpoint.safetensors`` holds the trainable
 weights, AdamW's moments and the torch RNG state as tensors, and the rest (step, data position, config, history,
 optimizer hyper-parameters) as JSON in the safetensors metadata. It is written to a temporary file and renamed,
-so a crash never leaves a half-written checkpoint. The learning rate is a pure function of the step, so the
+so a crash never leaves a half-written checkpoint; a resume checks the whole checkpoint against the model, the
+optimizer and the settings before it loads any of it. The learning rate is a pure function of the step, so the
 schedule needs no state of its own. The data order is too: epoch e is a permutation seeded by (seed, e).
 
 CLI (prints the loss curve and the exact-match accuracy before and after):
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks, baselines, data, qlora
 from ..paged import PagedAdamW
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import distributed
 
 SCHEDULES = ("cosine", "constant")
@@ -62,6 +63,7 @@ def prepare(model, method: str, **kwargs):
 
 def trainable_parameters(model) -> dict:
     """name -> parameter for every trainable parameter (each tensor once, as ``named_parameters`` gives it)."""
+    _checks.module("model", model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model has no trainable parameters: prepare it with a method first")
@@ -118,6 +120,7 @@ def token_loss_sum(model, batch: dict, net=None) -> torch.Tensor:
 def validate(model, tokenizer, examples: list[dict], batch_size: int = 8, max_len: int = 256,
              accuracy: bool = True, max_new_tokens: int = 40, progress: bool = False) -> dict:
     """{"val_loss": mean answer-token loss (teacher forcing), "accuracy": exact match of greedy answers}."""
+    _checks.module("model", model)
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
@@ -197,7 +200,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         ``eval_accuracy``, their exact-match accuracy by greedy generation.
     optimizer: "adamw" or "paged_adamw" (QLoRA's paged optimizer; the same updates, state in pages).
     checkpoint_dir: save there at the end (and every ``checkpoint_every`` steps); ``resume=True`` continues
-        from its checkpoint and must be given the same settings. stop_after: stop after that step (as if the
+        from its checkpoint and must be given the same settings (the checkpoint is checked whole -- weights,
+        optimizer state, metadata, settings -- before any of it is loaded). stop_after: stop after that step (as if the
         job were killed) while the schedule still runs to ``steps``.
     """
     _checks.module("model", model)
@@ -230,15 +234,15 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
                   min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed, optimizer=optimizer)
 
     world, rank, local = distributed()
+    if examples:  # a batch_size the data cannot fill fails here, before the model or the RNG changes
+        batch_indices(len(train_data), batch_size, 0, seed, world, rank)
     params = trainable_parameters(model)
     opt = make_optimizer(params, lr, weight_decay, optimizer)
     history, start = History(), 0
-    if resume:
-        state = load_checkpoint(checkpoint_dir, params, opt)
-        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"resume with different settings than the checkpoint (saved, now): {changed}")
-        history, start = History(**state["history"]), state["step"]
+    if resume:  # read and check the whole checkpoint (and the history, the step) before anything is loaded
+        checkpoint = read_checkpoint(checkpoint_dir, params, opt, config)
+        history, start = _resumed_history(checkpoint.file, checkpoint.state, steps)
+        apply_checkpoint(checkpoint, params, opt)
     else:
         torch.manual_seed(seed)  # dropout; the data order has its own seed
     device = next(model.parameters()).device
@@ -282,6 +286,19 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     bar.close()
     model.eval()
     return history
+
+
+def _resumed_history(file, state: dict, steps: int) -> tuple[History, int]:
+    """The History and the step a checkpoint's trainer state resumes from (a ValueError naming the file if they are
+    not what ``train`` saved)."""
+    start = _checks.integer(f"checkpoint {file}: step", state["step"], low=0, high=steps)
+    try:
+        history = History(**state["history"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {file}: trainer_state history is not a lorabook.train History ({e})") from None
+    if not all(isinstance(v, list) for v in asdict(history).values()):
+        raise ValueError(f"checkpoint {file}: every trainer_state history entry must be a list")
+    return history, start
 
 
 def optimizer_step(model, net, batches: list[dict], optimizer, params: dict, lr: float,
@@ -336,8 +353,8 @@ def _cycle(loader, skip: int = 0):
 def load_model(name: str, seed: int = 0, device="cpu"):
     """(model, tokenizer): "smollm2" (the base model) or "tiny" (a random 2-layer Llama, byte tokenizer)."""
     if name == "tiny":
-        from ..models import tiny_llama
-        tok = data.byte_tokenizer()
+        from ..models import byte_tokenizer, tiny_llama
+        tok = byte_tokenizer()
         return tiny_llama(seed=seed, vocab_size=len(tok), max_seq_len=512).to(device), tok
     if name == "smollm2":
         from ..models import load_base_model
