@@ -2,21 +2,22 @@
 
 Numbers are numbers: a bool is not an int here (``True`` is not a rank), and NaN or ±Inf never pass a bound
 (``nan <= 0`` is False, which is how a plain ``if value <= low`` lets NaN through). Each check returns the value
-(as a plain int / float) so a caller can write ``r = positive_int("r", r)``.
+(as a plain int / float) so a caller can write ``r = check_positive_int("r", r)``.
 """
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["integer", "positive_int", "number", "choice", "bad_choice", "module", "flag"]
+__all__ = ["check_int", "check_positive_int", "check_number", "check_choice", "bad_choice", "check_module",
+           "check_flag"]
 
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
     """An int (not a bool) with ``low <= value <= high`` where given."""
     if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
         bounds = " ".join(b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "")
@@ -25,14 +26,14 @@ def integer(name: str, value, low: int | None = None, high: int | None = None) -
     return int(value)
 
 
-def positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value) -> int:
     """An int > 0 (not a bool)."""
     if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
-def number(name: str, value, low: float | None = None, high: float | None = None, *,
+def check_number(name: str, value, low: float | None = None, high: float | None = None, *,
            low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number (not a bool, not NaN, not ±Inf) in [low, high]; ``low_open`` / ``high_open`` exclude
     the bound itself."""
@@ -56,7 +57,7 @@ def bad_choice(name: str, value, allowed) -> ValueError:
     return ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def choice(name: str, value, allowed):
+def check_choice(name: str, value, allowed):
     """``value`` if it is one of ``allowed`` (compared by equality, so 1 == True is refused by type too)."""
     if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
         raise bad_choice(name, value, allowed)
@@ -69,14 +70,14 @@ def choice(name: str, value, allowed):
     return value
 
 
-def flag(name: str, value) -> bool:
+def check_flag(name: str, value) -> bool:
     """A real bool (an int 0/1 is refused: it is usually a misplaced positional argument)."""
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
-def module(name: str, value):
+def check_module(name: str, value):
     """A torch ``nn.Module`` (a str, a path or None where a model goes is a TypeError naming the argument)."""
     import torch.nn as nn
 

@@ -53,7 +53,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from . import _checks, lora
+from . import lora
+from ._checks import check_flag, check_module, check_number, check_positive_int
 
 _FAMILIES = {"llama": ("model", "layers", "self_attn"), "gpt2": ("transformer", "h", "attn")}  # body, layers, attn
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -62,7 +63,7 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 def _arch(model) -> tuple[str, nn.ModuleList, str]:
     """(family, decoder layers, attention attribute) of a supported causal LM; another model is a ValueError, a
     non-model (a str, None) a TypeError."""
-    _checks.module("model", model)
+    check_module("model", model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     body = _FAMILIES.get(model_type, (None,))[0]
     if body is None or not hasattr(model, body) or not hasattr(model, "get_output_embeddings"):
@@ -74,7 +75,7 @@ def _arch(model) -> tuple[str, nn.ModuleList, str]:
 
 def _check_init_std(init_std) -> None:
     if init_std is not None:
-        _checks.number("init_std", init_std, low=0, low_open=True)
+        check_number("init_std", init_std, low=0, low_open=True)
 
 
 def _freeze(model: nn.Module) -> None:
@@ -124,7 +125,7 @@ def _add_adapters(model, blocks: list[nn.Module], make) -> None:
 
 
 def _check_adapter_args(bottleneck, activation, init_std) -> None:
-    _checks.positive_int("bottleneck", bottleneck)
+    check_positive_int("bottleneck", bottleneck)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _check_init_std(init_std)
@@ -136,7 +137,7 @@ def add_adapter_houlsby(model, bottleneck: int = 64, activation: str = "gelu", i
 
     train_norms: also train the model's norms, as Houlsby et al. did (+2d per LayerNorm, +d per RMSNorm)."""
     _check_adapter_args(bottleneck, activation, init_std)
-    _checks.flag("train_norms", train_norms)
+    check_flag("train_norms", train_norms)
     _, layers, attn = _arch(model)
     d = model.config.hidden_size
     _add_adapters(model, [b for layer in layers for b in (getattr(layer, attn), layer.mlp)],
@@ -259,10 +260,10 @@ def add_prefix_tuning(model, n_prefix: int = 16, reparam_hidden: int | None = No
 
     init_ids: (n_prefix,) token ids whose keys and values (the model's own, at positions 0..P-1) start the prefix
     instead of N(0, init_std²) noise -- Li & Liang's initialisation from real words' activations."""
-    _checks.positive_int("n_prefix", n_prefix)
+    check_positive_int("n_prefix", n_prefix)
     if reparam_hidden is not None:
-        _checks.positive_int("reparam_hidden", reparam_hidden)
-    _checks.number("init_std", init_std, low=0, low_open=True)
+        check_positive_int("reparam_hidden", reparam_hidden)
+    check_number("init_std", init_std, low=0, low_open=True)
     _arch(model)
     if hasattr(model, "prefix_tuning"):
         raise ValueError("model already has prefix_tuning: add it to a fresh model")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import _checks
+from ._checks import check_int, check_module, check_positive_int
 from ._io import write_file
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -178,7 +178,7 @@ def generate(seed: int = SEED, sizes: dict | None = None) -> dict[str, list[dict
     """All splits, deterministically from ``seed``; no SQL query appears in two splits (or twice in one)."""
     sizes = dict(SPLITS if sizes is None else sizes)
     for name, n in sizes.items():
-        _checks.integer(f"sizes[{name!r}]", n, low=0)
+        check_int(f"sizes[{name!r}]", n, low=0)
     rng = random.Random(seed)
     seen, pool = set(), []
     tables = sorted(TABLES)
@@ -217,7 +217,7 @@ def load_split(name: str, data_dir: Path | str = DATA_DIR, n: int | None = None)
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; splits: {list(SPLITS)}")
     if n is not None:
-        _checks.positive_int("n", n)
+        check_positive_int("n", n)
     path = Path(data_dir) / f"sql_{name}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `python -m lorabook.data` to generate it")
@@ -282,7 +282,7 @@ def collate(batch: list[dict], tokenizer, max_len: int = 256, system: str | None
     labels = input_ids on the answer (SQL + end-of-turn token) and -100 on the prompt and the padding, so the
     loss teaches the answer only. Longer sequences are cut to max_len on the right.
     """
-    _checks.integer("max_len", max_len, low=2)
+    check_int("max_len", max_len, low=2)
     if not batch:
         raise ValueError("batch must hold at least one example")
     rows = []
@@ -334,9 +334,9 @@ def predict(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, ba
     """Greedy answers of ``model`` to ``examples`` (batched, left-padded, in the examples' order)."""
     from tqdm.auto import tqdm
 
-    _checks.module("model", model)
+    check_module("model", model)
     for arg, v in dict(max_new_tokens=max_new_tokens, batch_size=batch_size).items():
-        _checks.positive_int(arg, v)
+        check_positive_int(arg, v)
     prompts = [encode(ex, tokenizer, system)[0] for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     pad, device, was_training = _pad_id(tokenizer), next(model.parameters()).device, model.training
@@ -363,7 +363,7 @@ def predict(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, ba
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 48, batch_size: int = 16,
              system: str | None = SYSTEM_PROMPT, progress: bool = True) -> float:
     """Exact-match accuracy (0..1) of greedy generations against the examples' gold SQL."""
-    _checks.module("model", model)
+    check_module("model", model)
     if not examples:
         raise ValueError("examples must not be empty")
     return accuracy(predict(model, tokenizer, examples, max_new_tokens, batch_size, system, progress), examples)

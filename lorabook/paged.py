@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from ._checks import check_int, check_number
 
 
 @dataclass
@@ -153,16 +153,16 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_bytes: int = 2 ** 20, budget_bytes: int | None = None):
-        _checks.number("lr", lr, low=0)
-        _checks.number("eps", eps, low=0)
-        _checks.number("weight_decay", weight_decay, low=0)
+        check_number("lr", lr, low=0)
+        check_number("eps", eps, low=0)
+        check_number("weight_decay", weight_decay, low=0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _checks.number("betas[0]", betas[0], low=0, high=1, high_open=True)
-        _checks.number("betas[1]", betas[1], low=0, high=1, high_open=True)
-        _checks.integer("page_bytes", page_bytes, low=64)
+        check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
+        check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+        check_int("page_bytes", page_bytes, low=64)
         if budget_bytes is not None:
-            _checks.integer("budget_bytes", budget_bytes, low=page_bytes)
+            check_int("budget_bytes", budget_bytes, low=page_bytes)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.page_bytes = page_bytes
         self.budget_bytes = budget_bytes
@@ -233,7 +233,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def page_out(self, keep_bytes: int = 0) -> None:
         """Move optimizer state to the host until at most ``keep_bytes`` stay on each device: call it before a step
         whose activations spike (a long batch); the next ``step()`` pages back in what it touches."""
-        _checks.integer("keep_bytes", keep_bytes, low=0)
+        check_int("keep_bytes", keep_bytes, low=0)
         for pool in self.pools.values():
             pool.page_out(keep_bytes)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import _checks
+from ._checks import check_flag, check_module
 from .lora import add_lora, check_lora_targets
 from .models import check_checkpointing, enable_checkpointing
 from .paged import PagedAdamW
@@ -40,12 +40,12 @@ def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float =
     Everything is checked before the model changes -- the arguments, every target, whether the model can
     checkpoint -- and every layer is quantized before any is swapped in (a NaN in the last layer's weight raises
     with the model as it was)."""
-    _checks.module("model", model)
+    check_module("model", model)
     if compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {compute_dtype}")
     check_blocksize(blocksize)
-    _checks.flag("double_quant", double_quant)
-    _checks.flag("gradient_checkpointing", gradient_checkpointing)
+    check_flag("double_quant", double_quant)
+    check_flag("gradient_checkpointing", gradient_checkpointing)
     if gradient_checkpointing:
         check_checkpointing(model)  # step 3 cannot fail after steps 1-2 changed the model
     for name in check_lora_targets(model, target_modules, r, alpha, dropout):  # add_lora's checks, run first
@@ -67,7 +67,7 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
     """NF4 base + LoRA + gradient checkpointing (``add_qlora``) + a ``PagedAdamW`` over A and B; in place.
 
     Every argument is checked before the model changes."""
-    _checks.module("model", model)
+    check_module("model", model)
     PagedAdamW([nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
                budget_bytes=budget_bytes)  # raises for bad optimizer settings, before the model changes
     add_qlora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, blocksize=blocksize,

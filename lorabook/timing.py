@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from . import _checks
+from ._checks import check_int, check_positive_int
 
 
 @dataclass
@@ -55,8 +55,8 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, devic
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones; CUDA events when on CUDA."""
     if not callable(fn):
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
-    _checks.integer("warmup", warmup, low=0)
-    _checks.positive_int("repeat", repeat)
+    check_int("warmup", warmup, low=0)
+    check_positive_int("repeat", repeat)
     dev = _device_of(device)
     for _ in range(warmup):
         fn()

@@ -32,7 +32,7 @@ import os
 import time
 from pathlib import Path
 
-from .. import _io
+from .._io import write_text
 from ..data import DATA_DIR as DATA
 
 __all__ = ["OUT", "LATENCY_OUT", "COMMON", "WEIGHTS", "PAPER", "RANKS", "PREFIX_TEXT", "BASELINES", "lora_run",
@@ -143,7 +143,7 @@ def record(path: Path, run: str, summary: dict) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
-    _io.write_text(path, json.dumps(obj, indent=1) + "\n")
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def table_rows(name: str, runs: dict) -> list[dict]:

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _checks
+from .._checks import check_choice, check_flag, check_number, check_positive_int
 
 __all__ = ["BaseLayer", "base_layer", "is_linear", "LoRALinear", "lora_forward", "lora_forward_fused",
            "check_adapter_name", "check_lora_args", "BACKENDS"]
@@ -126,12 +126,12 @@ def check_adapter_name(name) -> str:
 
 def check_lora_args(r, alpha, dropout, in_features: int, out_features: int) -> None:
     """r a positive int ≤ min(in, out); alpha a finite number > 0; dropout in [0, 1)."""
-    _checks.positive_int("r", r)
+    check_positive_int("r", r)
     if r > min(in_features, out_features):
         raise ValueError(f"r={r} exceeds min(in_features, out_features)={min(in_features, out_features)}: "
                          "a rank-r update cannot have rank above the smaller side")
-    _checks.number("alpha", alpha, low=0, low_open=True)
-    _checks.number("dropout", dropout, low=0, high=1, high_open=True)
+    check_number("alpha", alpha, low=0, low_open=True)
+    check_number("dropout", dropout, low=0, high=1, high_open=True)
 
 
 # ---- the layer ----------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class LoRALinear(nn.Module):
         if info is None:
             raise ValueError(f"base must be an nn.Linear, a transformers Conv1D or a layer with a lora_base_layer() "
                              f"method (like lorabook.quant.LinearNF4), got {type(base).__name__}")
-        _checks.choice("backend", backend, BACKENDS)
+        check_choice("backend", backend, BACKENDS)
         self.base = base
         self.base.requires_grad_(False)
         self.fan_in_fan_out = info.fan_in_fan_out  # Conv1D: (in, out)
@@ -189,7 +189,7 @@ class LoRALinear(nn.Module):
 
         While another adapter is merged, that one stays active (``switch_adapter`` moves to the new one)."""
         check_lora_args(r, alpha, dropout, self.in_features, self.out_features)
-        _checks.flag("use_rslora", use_rslora)
+        check_flag("use_rslora", use_rslora)
         if name in self.lora_A:
             raise ValueError(f"adapter_name {name!r} already exists; existing adapters: {self.adapters}")
         check_adapter_name(name)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-from .. import _checks
+from .._checks import check_flag, check_module
 from .layer import LoRALinear, base_layer, check_adapter_name, check_lora_args, is_linear
 
 __all__ = ["find_targets", "linear_names", "select", "output_head_name", "check_lora_targets", "add_lora",
@@ -36,7 +36,7 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Every linear layer's name; a LoRALinear counts as the linear it wraps (not twice)."""
-    _checks.module("model", model)
+    check_module("model", model)
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     return [n for n, m in model.named_modules()
             if isinstance(m, LoRALinear) or (is_linear(m) and n.rpartition(".")[0] not in wrapped)]
@@ -63,7 +63,7 @@ def select(names: list[str], target_modules, head: str | None = None, arg: str =
 
 def output_head_name(model: nn.Module) -> str | None:
     """The name of the model's output head (``get_output_embeddings()``), or None."""
-    _checks.module("model", model)
+    check_module("model", model)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
@@ -73,7 +73,7 @@ def check_lora_targets(model: nn.Module, target_modules, r, alpha, dropout, adap
                        ) -> list[str]:
     """Check everything ``add_lora`` would do (targets, adapter name, r / alpha / dropout for every layer) without
     changing the model; return the targeted layer names."""
-    _checks.module("model", model)
+    check_module("model", model)
     names = find_targets(model, target_modules)
     check_adapter_name(adapter_name)
     for name in names:
@@ -94,7 +94,7 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
     Everything is checked before the model changes (a name used twice, a bad rank for any layer).
     """
     names = check_lora_targets(model, target_modules, r, alpha, dropout, adapter_name)
-    _checks.flag("use_rslora", use_rslora)
+    check_flag("use_rslora", use_rslora)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -112,13 +112,13 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8, 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """path -> LoRALinear; every function here that takes a model starts from this (or ``linear_names``), so a
     non-model (a str, None) is a TypeError naming ``model`` everywhere."""
-    _checks.module("model", model)
+    check_module("model", model)
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), each tensor counted once."""
-    _checks.module("model", model)
+    check_module("model", model)
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 

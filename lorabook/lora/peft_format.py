@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import _checks, _io
+from .._checks import check_module
+from .._io import write_folder
 from .layer import LoRALinear, base_layer, check_adapter_name, check_lora_args
 from .model import (active_adapter, adapter_names, linear_names, lora_layers, merged_adapter, output_head_name,
                     select, set_adapter)
@@ -96,7 +97,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str | None = None,
     """Write adapter ``adapter_name`` (default: the active one) as a PEFT adapter folder; returns the folder."""
     from safetensors.torch import save_file
 
-    _checks.module("model", model)
+    check_module("model", model)
     names = adapter_names(model)
     if not names:
         raise ValueError("model has no LoRA layers; nothing to save (add_lora or load_adapter first)")
@@ -110,7 +111,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str | None = None,
             tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A[name].detach().contiguous().cpu()  # (r, in)
             tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B[name].detach().contiguous().cpu()  # (out, r)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return _io.write_folder(Path(directory), {  # both files as one unit: the old adapter stays loadable on a failure
+    return write_folder(Path(directory), {  # both files as one unit: the old adapter stays loadable on a failure
         WEIGHTS_NAME: lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
         CONFIG_NAME: lambda tmp: tmp.write_text(text, encoding="utf-8")})
 
@@ -239,7 +240,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     """Load a PEFT LoRA adapter folder as adapter ``adapter_name`` (created from the config if the model does not
     have it, overwritten if it has it with the same layers and ranks); it becomes the active adapter unless
     another one is merged. Everything is checked first: on any error the model is unchanged."""
-    _checks.module("model", model)
+    check_module("model", model)
     check_adapter_name(adapter_name)
     directory = Path(directory)
     if not directory.is_dir():

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .estimate import ModelSpec
+    from .spec import ModelSpec
 
 
 def layer_saved(s: ModelSpec, a: int, full: bool, lora: set[str], r: int, x_req: bool, N: int,

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .. import _checks
+from .._checks import bad_choice, check_module, check_positive_int
 from ..models import enable_checkpointing
-from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, as_spec, human, lora_modules
+from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, human
+from .spec import as_spec, lora_modules
 
 __all__ = ["Measurement", "measure", "saved_by_module"]
 
@@ -54,7 +55,7 @@ class Measurement:
 
 def _training_copy(model) -> nn.Module:
     if not isinstance(model, str):
-        copied = copy.deepcopy(_checks.module("model", model))  # the caller's model is never touched
+        copied = copy.deepcopy(check_module("model", model))  # the caller's model is never touched
     elif model == "smollm2-135m":
         from ..models import load_base_model
         copied = load_base_model()[0]
@@ -72,7 +73,7 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     makers = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
               "adamw": torch.optim.AdamW}
     if name not in makers:
-        raise _checks.bad_choice("optimizer", name, makers)
+        raise bad_choice("optimizer", name, makers)
     return makers[name](params, lr=lr)
 
 
@@ -103,11 +104,11 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
     from torch.distributed._tools.mem_tracker import MemTracker
 
     if method not in ("full", "lora"):
-        raise _checks.bad_choice("method", method, ("full", "lora"))
-    B, T = _checks.positive_int("batch_size", batch_size), _checks.positive_int("seq_len", seq_len)
-    _checks.positive_int("lora_rank", lora_rank), _checks.positive_int("steps", steps)
+        raise bad_choice("method", method, ("full", "lora"))
+    B, T = check_positive_int("batch_size", batch_size), check_positive_int("seq_len", seq_len)
+    check_positive_int("lora_rank", lora_rank), check_positive_int("steps", steps)
     if optimizer not in ESTIMATE_OPTIMIZERS:
-        raise _checks.bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
+        raise bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
     m = _training_copy(model).train()
     if method == "lora":
         from ..lora import add_lora
@@ -169,7 +170,7 @@ def saved_by_module(model: nn.Module, input_ids: torch.Tensor) -> dict[str, int]
 
     Runs ``model(input_ids, labels=input_ids)`` in train mode under ``torch.autograd.graph.saved_tensors_hooks``
     (what the loss saves is filed under ""). Not for checkpointed models (checkpoints keep their own hooks)."""
-    _checks.module("model", model)
+    check_module("model", model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     stack, seen, hooks = [""], {}, []
     for name, mod in model.named_modules():

@@ -11,7 +11,8 @@ use GB = 1e9 and MB = 1e6 bytes; ``Estimate.table()`` prints binary MiB / GiB.
 from __future__ import annotations
 
 from .._table import text_table
-from .estimate import as_spec, estimate, lora_modules
+from .estimate import estimate
+from .spec import as_spec, lora_modules
 
 __all__ = ["seed_four_slots", "seed_gpt3_lora", "seed_qlora_llama7b", "format_rows"]
 

@@ -2,7 +2,8 @@
 ``lorabook.memory.estimate`` (``calculator``)."""
 from __future__ import annotations
 
-from .estimate import CATEGORIES, KNOWN_MODELS, estimate
+from .estimate import CATEGORIES, estimate
+from .spec import KNOWN_MODELS
 
 __all__ = ["COLORS", "plot_breakdown", "calculator"]
 

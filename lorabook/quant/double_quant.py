@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from .. import _checks
+from .._checks import check_flag, check_positive_int
 
 BLOCKSIZE2 = 256  # values per second-level block (bitsandbytes' compress_statistics uses 256)
 GRID_POINTS = 65536  # bitsandbytes' CPU quantizer rounds through this many points of [-1, 1]
@@ -63,7 +63,7 @@ def _check_8bit_args(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> Non
         raise ValueError("x is empty: there is nothing to quantize")
     if not isinstance(code, torch.Tensor) or code.shape != (256,) or code.dtype != torch.float32:
         raise ValueError(f"code must be a float32 tensor of 256 sorted values, got {getattr(code, 'shape', code)}")
-    _checks.positive_int("blocksize", blocksize)
+    check_positive_int("blocksize", blocksize)
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
@@ -172,7 +172,7 @@ def bits_per_parameter_formula(blocksize: int = 64, double_quant: bool = False, 
     """The paper's arithmetic: 4 bits + 32 / blocksize, or 4 + 8 / blocksize + 32 / (blocksize · blocksize2).
 
     (Leaves out the single fp32 offset and the padding of the last blocks, which vanish for large tensors.)"""
-    _checks.positive_int("blocksize", blocksize), _checks.positive_int("blocksize2", blocksize2)
-    _checks.flag("double_quant", double_quant), _checks.flag("constants_only", constants_only)
+    check_positive_int("blocksize", blocksize), check_positive_int("blocksize2", blocksize2)
+    check_flag("double_quant", double_quant), check_flag("constants_only", constants_only)
     constants = 8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize
     return constants if constants_only else 4 + constants

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _checks
+from .._checks import check_flag, check_module
 from .double_quant import DoubleQuantState
 from ..lora.layer import BaseLayer
 from ..lora.model import output_head_name
@@ -133,12 +133,12 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     The output head stays full precision (it is often tied to the input embedding, as in SmolLM2). Other
     parameters (embeddings, norms) are left as they are. Returns the model. Every layer is quantized before any is
     swapped in: a bad weight anywhere (NaN, Inf) raises with the model unchanged."""
-    _checks.module("model", model)
+    check_module("model", model)
     if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
         raise ValueError(f"skip must be a tuple of module names, got {skip!r}")
     if isinstance(model, nn.Linear):
         raise TypeError("model is a single nn.Linear; use LinearNF4.from_linear(model)")
-    check_blocksize(blocksize), check_codebook(codebook), _checks.flag("double_quant", double_quant)
+    check_blocksize(blocksize), check_codebook(codebook), check_flag("double_quant", double_quant)
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise ValueError(f"compute_dtype must be one of {FLOAT_DTYPES} or None, got {compute_dtype}")
     head = output_head_name(model)

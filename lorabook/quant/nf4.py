@@ -35,7 +35,7 @@ from functools import lru_cache
 
 import torch
 
-from .. import _checks
+from .._checks import check_choice, check_int
 from . import cpu_kernel, fast
 from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
 
@@ -100,7 +100,7 @@ def check_codebook(name) -> str:
 
 def check_blocksize(blocksize) -> int:
     try:  # an int (not a bool, not 64.0), then one of the sizes
-        return _checks.choice("blocksize", _checks.integer("blocksize", blocksize), BLOCKSIZES)
+        return check_choice("blocksize", check_int("blocksize", blocksize), BLOCKSIZES)
     except ValueError:
         raise ValueError(f"blocksize must be a power of two from 32 to 4096, one of {BLOCKSIZES}; "
                          f"got {blocksize!r}") from None
@@ -146,7 +146,7 @@ def nearest_code(scaled: torch.Tensor, name: str = "nf4", backend: str = "auto")
     """``nearest_code_reference``, computed by ``backend``: "reference" (the binary search above), "fast" (two
     lookups in tables over the top 16 bits of each float, ``lorabook.quant.fast``), "auto" (= "fast").
     Both give the same code for every input but NaN (which ``quantize_4bit`` refuses)."""
-    if _checks.choice("backend", backend, NEAREST_BACKENDS) == "reference":
+    if check_choice("backend", backend, NEAREST_BACKENDS) == "reference":
         return nearest_code_reference(scaled, name)
     _check_scaled(scaled)
     return fast.nearest_code(scaled, _codebook(check_codebook(name)))
@@ -256,7 +256,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, codebook: str = "nf4",
     w = _check_weight(w)
     check_blocksize(blocksize)
     check_codebook(codebook)
-    _checks.choice("backend", backend, NEAREST_BACKENDS)
+    check_choice("backend", backend, NEAREST_BACKENDS)
     flat = w.reshape(-1)  # (n,)
     n = flat.numel()
     n_full = n // blocksize  # complete blocks
@@ -308,7 +308,7 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backen
         "auto"       "c" on the CPU where the kernel is available, else "torch"
 
     On the CPU "torch" and "c" write into ``cpu_kernel.empty_huge_pages``: a fresh tensor on 2 MB pages."""
-    if _checks.choice("backend", backend, DEQUANTIZE_BACKENDS) == "reference":
+    if check_choice("backend", backend, DEQUANTIZE_BACKENDS) == "reference":
         return dequantize_4bit_reference(q, dtype)
     dtype = _check_dequantize(q, dtype)
     on_cpu = q.packed.device.type == "cpu"

@@ -12,7 +12,9 @@ import torch
 
 import lorabook
 
-from .. import _checks, _io, data
+from .. import data
+from .._checks import check_positive_int
+from .._io import write_text
 from ..lora import count_trainable
 from .checkpoint import CKPT_NAME
 from .distributed import distributed
@@ -77,7 +79,7 @@ def main(argv=None) -> dict:
     if args.resume and not (args.out and (Path(args.out) / CKPT_NAME).is_file()):
         raise FileNotFoundError(f"--resume needs a checkpoint at {Path(args.out or '.') / CKPT_NAME}; "
                                 "run once without --resume (with --out) first")
-    _checks.positive_int("eval_n", args.eval_n)
+    check_positive_int("eval_n", args.eval_n)
     if args.threads:
         torch.set_num_threads(args.threads)
     world, rank, local = distributed()
@@ -142,7 +144,7 @@ def report(history: History, examples: list[dict], before: list[str] | None, aft
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _io.write_text(path, json.dumps(obj, indent=1) + "\n")
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def run() -> None:

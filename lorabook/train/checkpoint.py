@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks, _io
+from .._checks import check_int
+from .._io import write_file
 
 CKPT_NAME = "checkpoint.safetensors"
 META_KEYS = ("trainer_state", "param_groups")  # JSON in the safetensors metadata
@@ -47,7 +48,7 @@ def save_checkpoint(path: Path | str, params: dict, optimizer, state: dict) -> P
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     meta = {"trainer_state": json.dumps(state), "param_groups": json.dumps(opt["param_groups"])}
-    return _io.write_file(path / CKPT_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return write_file(path / CKPT_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _metadata(file: Path, meta: dict) -> dict:
     state, groups = parsed["trainer_state"], parsed["param_groups"]
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"checkpoint {file}: trainer_state must be a JSON object with a 'step', got {state!r:.80}")
-    _checks.integer(f"checkpoint {file}: trainer_state step", state["step"], low=0)
+    check_int(f"checkpoint {file}: trainer_state step", state["step"], low=0)
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                               and all(k in g for k in GROUP_KEYS) for g in groups):
         raise ValueError(f"checkpoint {file}: param_groups must be a list of optimizer groups, each with "

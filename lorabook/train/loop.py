@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import _checks, baselines, data, qlora
+from .. import baselines, data, qlora
+from .._checks import check_choice, check_flag, check_int, check_module, check_number, check_positive_int
 from ..paged import PagedAdamW
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import distributed
@@ -63,7 +64,7 @@ def prepare(model, method: str, **kwargs):
 
 def trainable_parameters(model) -> dict:
     """name -> parameter for every trainable parameter (each tensor once, as ``named_parameters`` gives it)."""
-    _checks.module("model", model)
+    check_module("model", model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model has no trainable parameters: prepare it with a method first")
@@ -120,7 +121,7 @@ def token_loss_sum(model, batch: dict, net=None) -> torch.Tensor:
 def validate(model, tokenizer, examples: list[dict], batch_size: int = 8, max_len: int = 256,
              accuracy: bool = True, max_new_tokens: int = 40, progress: bool = False) -> dict:
     """{"val_loss": mean answer-token loss (teacher forcing), "accuracy": exact match of greedy answers}."""
-    _checks.module("model", model)
+    check_module("model", model)
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
@@ -176,7 +177,7 @@ def make_optimizer(params: dict, lr: float, weight_decay: float, optimizer: str 
     """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors).
 
     optimizer: "adamw" (torch's) or "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages)."""
-    _checks.choice("optimizer", optimizer, TRAIN_OPTIMIZERS)
+    check_choice("optimizer", optimizer, TRAIN_OPTIMIZERS)
     decay = [p for p in params.values() if p.dim() >= 2]
     rest = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -204,24 +205,24 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         optimizer state, metadata, settings -- before any of it is loaded). stop_after: stop after that step (as if the
         job were killed) while the schedule still runs to ``steps``.
     """
-    _checks.module("model", model)
+    check_module("model", model)
     for name, value in dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum).items():
-        _checks.positive_int(name, value)
-    _checks.integer("max_len", max_len, low=2)
+        check_positive_int(name, value)
+    check_int("max_len", max_len, low=2)
     for name, value in dict(warmup_steps=warmup_steps, eval_every=eval_every, checkpoint_every=checkpoint_every,
                             log_every=log_every, max_new_tokens=max_new_tokens, seed=seed).items():
-        _checks.integer(name, value, low=0)
-    _checks.number("lr", lr, low=0, low_open=True)
-    _checks.number("weight_decay", weight_decay, low=0)
+        check_int(name, value, low=0)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0)
     if max_grad_norm is not None:
-        _checks.number("max_grad_norm", max_grad_norm, low=0, low_open=True)
-    _checks.choice("optimizer", optimizer, TRAIN_OPTIMIZERS)  # before anything starts (and torch.distributed)
-    _checks.choice("schedule", schedule, SCHEDULES)
-    _checks.number("min_lr_ratio", min_lr_ratio, low=0, high=1)
+        check_number("max_grad_norm", max_grad_norm, low=0, low_open=True)
+    check_choice("optimizer", optimizer, TRAIN_OPTIMIZERS)  # before anything starts (and torch.distributed)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
     for name, value in dict(resume=resume, progress=progress, eval_accuracy=eval_accuracy).items():
-        _checks.flag(name, value)
+        check_flag(name, value)
     if stop_after is not None:
-        _checks.integer("stop_after", stop_after, low=1, high=steps)
+        check_int("stop_after", stop_after, low=1, high=steps)
     if eval_every and not eval_examples:
         raise ValueError("eval_every > 0 needs eval_examples")
     if resume and checkpoint_dir is None:
@@ -291,7 +292,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
 def _resumed_history(file, state: dict, steps: int) -> tuple[History, int]:
     """The History and the step a checkpoint's trainer state resumes from (a ValueError naming the file if they are
     not what ``train`` saved)."""
-    start = _checks.integer(f"checkpoint {file}: step", state["step"], low=0, high=steps)
+    start = check_int(f"checkpoint {file}: step", state["step"], low=0, high=steps)
     try:
         history = History(**state["history"])
     except (KeyError, TypeError) as e:
