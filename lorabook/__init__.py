@@ -17,7 +17,8 @@ The package, by role (each subpackage's docstring maps its modules)::
     bench/       ``python -m lorabook.bench NAME``: lorabook vs its peer in the same run
     teach/       show source, exercise checks, student copies, Colab: ``python -m lorabook.teach``
 
-Importing lorabook imports none of these and changes no other library's state.
+Importing lorabook imports none of these and changes no other library's state. ``lorabook.nf4`` and
+``lorabook.double_quant`` (the names the design map uses) are the modules in ``quant/``, imported on first use.
 """
 from __future__ import annotations
 
@@ -36,3 +37,14 @@ def device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+_SHORT_NAMES = {"nf4": "lorabook.quant.nf4", "double_quant": "lorabook.quant.double_quant"}
+
+
+def __getattr__(name: str):
+    """``lorabook.nf4`` / ``from lorabook import nf4``: the module in ``quant/``, imported on first use."""
+    if name in _SHORT_NAMES:
+        import importlib
+        return importlib.import_module(_SHORT_NAMES[name])
+    raise AttributeError(f"module 'lorabook' has no attribute {name!r}")

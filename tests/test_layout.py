@@ -188,3 +188,13 @@ def test_one_device_picker():
     picks = re.compile(r"""["']cuda["']\)?\s+if\s+torch\.cuda\.is_available\(\)|if torch\.cuda\.is_available\(\):\s*\n\s*return torch\.device""")
     deciders = [module_name(p) for p in MODULES if picks.search(p.read_text(encoding="utf-8"))]
     assert deciders == ["lorabook"]
+
+
+def test_the_design_maps_short_names_reach_the_quant_modules():
+    import lorabook.quant.double_quant
+    import lorabook.quant.nf4
+    from lorabook import double_quant, nf4
+
+    assert nf4 is lorabook.quant.nf4 and double_quant is lorabook.quant.double_quant
+    with pytest.raises(AttributeError, match="no attribute 'nf5'"):
+        lorabook.nf5
