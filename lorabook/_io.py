@@ -16,12 +16,12 @@ crash between them leaves the old folder under a ``.name.old-*`` sibling.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["cache_dir", "write_file", "write_text", "write_folder", "build_folder"]
@@ -96,12 +96,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
+@lru_cache(maxsize=None)
+def _renameat2():
+    """libc's renameat2 (Linux), looked up once; None where the system has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # the process's own libc
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux's renameat2); False where the system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_fdcwd = -100
