@@ -42,15 +42,17 @@ lab: $(MODEL)
 unit: $(MODEL)
 	$(BIN)/python -m pytest -q tests
 
+# nbval runs every instructor notebook (any error fails); the nbval_student plugin runs each exercise's student copy
+# in the same kernel just before its solution: the stub, then its check, which must fail. Each notebook runs once.
+NBVAL := -p lorabook.teach.nbval_student --nbval-lax --nbval-current-env --nbval-cell-timeout=600
 nbtest: $(MODEL)
-	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q $(NBVAL) $(NOTEBOOKS)
 
-# Notebook conventions and the student copies first (stubs fail only in the checks), then pytest: the unit tests
-# and every instructor notebook under nbval (which fails on any error: the solutions' run). Each notebook runs twice.
+# Notebook conventions first (nbgrader metadata, outputs, Colab cells, no later cell reading a stub), then the unit
+# tests and the notebooks in one pytest.
 test: $(MODEL)
 	$(BIN)/python -m lorabook.teach lint $(NOTEBOOKS)
-	$(BIN)/python -m lorabook.teach check --student-only $(NOTEBOOKS)
-	$(BIN)/python -m pytest -q tests --nbval-lax --nbval-current-env --nbval-cell-timeout=600 $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q tests $(NBVAL) $(NOTEBOOKS)
 
 # Execute every notebook in place (headless), keeping execution counts, then strip volatile metadata.
 notebooks: $(MODEL)

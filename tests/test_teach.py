@@ -15,6 +15,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_outp
 
 import lorabook.timing
 from lorabook.teach import notebooks as nt
+from lorabook.teach import student as st
 from lorabook import teach
 from lorabook.teach import __main__ as teach_cli
 from lorabook.teach import NOT_IMPLEMENTED, check, colab_cells, show, source
@@ -39,8 +40,8 @@ def exercise_nb(check_src=CHECK, after="print(math.fsum([0.1] * 10))", solution=
     nb = new_notebook(cells=[
         new_markdown_cell("# Sums"),
         new_code_cell("import math\nfrom lorabook.teach import check"),
-        new_code_cell(solution, metadata=nt.solution_metadata("total")),
-        new_code_cell(check_src, metadata=nt.grade_metadata("total-check")),
+        new_code_cell(solution, metadata=st.solution_metadata("total")),
+        new_code_cell(check_src, metadata=st.grade_metadata("total-check")),
         new_code_cell(after, metadata={"tags": ["keep-me"], "ExecuteTime": {"end_time": "2026-01-01"}}),
     ])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -205,12 +206,12 @@ def test_student_copy_stubs_solutions_at_their_indentation():
                 "            self.n += x\n            ### END SOLUTION\n        return self\n")
     nb = executed(exercise_nb(solution=solution))
     nb.metadata["widgets"] = {"state": {}}
-    student = nt.student_copy(nb)
+    student = st.student_copy(nb)
     assert student.cells[4].source == ("class Acc:\n    def add(self, x):\n        if x:\n"
                                        "            # YOUR CODE HERE\n            raise NotImplementedError()\n"
                                        "        return self\n")
     assert student.cells[5].source == "check(total, math.fsum, cases=[(([0.1] * 10,), {}), (([1.0, 2.0],), {})])"
-    assert student.cells[4].metadata == nt.solution_metadata("total")
+    assert student.cells[4].metadata == st.solution_metadata("total")
     assert student.cells[6].metadata == {"tags": ["keep-me"]}  # ExecuteTime went
     assert all(c.outputs == [] and c.execution_count is None for c in student.cells if c.cell_type == "code")
     assert "widgets" not in student.metadata and len(student.cells) == len(nb.cells)
@@ -230,12 +231,92 @@ def test_student_command_writes_copies_without_solutions(tmp_path, capsys):
 def test_student_copy_of_markdown_answers_and_bad_markers(tmp_path, capsys):
     nb = exercise_nb()
     nb.cells.append(new_markdown_cell("Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION",
-                                      metadata=nt.solution_metadata("why")))
-    assert nt.student_copy(nb).cells[-1].source == "Why?\nYOUR ANSWER HERE"
+                                      metadata=st.solution_metadata("why")))
+    assert st.student_copy(nb).cells[-1].source == "Why?\nYOUR ANSWER HERE"
     nb.cells[4].source = SOLUTION.replace("    ### END SOLUTION", "")
     rc, out, _ = cli(capsys, "student", "--out", tmp_path / "s", save(nb, tmp_path))
     assert rc == 1 and "cell 4: '### BEGIN SOLUTION' on line 5 has no '### END SOLUTION'" in out
     assert not (tmp_path / "s" / "01_sums.ipynb").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the student copy inside the instructor's run (lorabook.teach.nbval_student): one kernel, both copies
+
+
+def test_stub_steps_run_the_stub_then_a_check_that_must_fail(capsys):
+    nb = exercise_nb()
+    steps = st.stub_steps(nb)
+    assert list(steps) == [4] and [label for label, _ in steps[4]] == ["student stub", "student check"]
+    (_, stub), (_, check_cell) = steps[4]
+    assert "raise NotImplementedError()" in stub and "SECRET" not in stub
+    assert "HIDDEN" not in check_cell and "check cell 5 ('total-check')" in check_cell
+    namespace = {}
+    exec("import math\nfrom lorabook.teach import check", namespace)
+    exec(stub, namespace)
+    exec(check_cell, namespace)  # the stub fails the check: fine
+    assert "check cell 5 ('total-check') fails on the stub, as it should (AssertionError: not implemented" \
+        in capsys.readouterr().out
+    exec(nb.cells[4].source, namespace)  # the solution passes it: expect_stub_failure says so
+    with pytest.raises(RuntimeError, match="passes with the stub — it cannot fail"):
+        exec(check_cell, namespace)
+
+
+def test_expect_stub_failure_names_the_wrong_reason_and_restores_random_states():
+    from lorabook.teach.check import expect_stub_failure
+    with pytest.raises(RuntimeError, match="cell 3 fails for another reason: NameError: name 'nope'"):
+        expect_stub_failure("nope(1)", "cell 3")
+    g, rng = torch.Generator().manual_seed(1), np.random.default_rng(2)
+    torch.manual_seed(3)
+    want = (torch.rand(2, generator=g), rng.random(2), torch.rand(2))
+    g.manual_seed(1), torch.manual_seed(3)
+    rng = np.random.default_rng(2)
+    namespace = {"g": g, "rng": rng, "torch": torch}
+    exec("from lorabook.teach.check import expect_stub_failure\n"
+         "expect_stub_failure('torch.rand(5, generator=g); rng.random(5); torch.rand(5); raise NotImplementedError',"
+         " 'cell 4')", namespace)
+    got = (torch.rand(2, generator=g), rng.random(2), torch.rand(2))
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("later, problem", [
+    ("print(total([0.1] * 10))", "cell 6: line 1 reads 'total', a stub in the student copy (cell 4)"),
+    ("def twice(xs):\n    return 2 * total(xs)", "cell 6: line 1 reads 'total'"),
+    ("print(result)", "cell 6: line 1 reads 'result', never set in the student copy (check cell 5 fails before"),
+    ("x = 1\nprint(x, seen)", ""),  # bound before the failing statement: set in the student copy too
+    ("def total(xs):\n    return sum(xs)\nprint(total([1]))", ""),  # redefined first
+    ("def f(total):\n    return total + 1\nprint([total for total in range(2)])", ""),  # locals
+    ("total = math.fsum\nprint(total([1.0]))", ""),
+])
+def test_lint_finds_later_cells_that_would_break_in_the_student_copy(later, problem):
+    nb = exercise_nb(check_src="seen = 1\nresult = check(total, math.fsum, [0.1] * 10)", after=later)
+    problems = st.lint_stub_uses(nb)
+    assert (len(problems) == 1 and problems[0].startswith(problem)) if problem else problems == []
+
+
+def test_lint_finds_a_later_exercise_that_leans_on_an_earlier_stub():
+    nb = exercise_nb()
+    nb.cells += [new_code_cell("def double(xs):\n    ### BEGIN SOLUTION\n    return 2 * total(xs)\n"
+                               "    ### END SOLUTION", metadata=st.solution_metadata("double")),
+                 new_code_cell("check(double, lambda xs: 2 * total(xs), [1.0])",
+                               metadata=st.grade_metadata("double-check"))]
+    problems = st.lint_stub_uses(nb)
+    assert len(problems) == 1 and problems[0].startswith("cell 8: line 1 reads 'total', a stub")
+    assert nt.lint(nb, "01_sums")[0] == problems[0]
+
+
+def test_nbval_plugin_runs_both_copies_in_one_kernel(tmp_path):
+    good = save(exercise_nb(), tmp_path, "01_good.ipynb")
+    cannot_fail = save(exercise_nb(check_src="check(math.fsum, math.fsum, [0.1] * 10)"), tmp_path, "02_bad.ipynb")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "lorabook.teach.nbval_student", "--nbval-lax",
+                           "--nbval-current-env", "-p", "no:cacheprovider", "-rA", "-q", str(good), str(cannot_fail)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    for cell in ("Cell 2 (student stub)", "Cell 2 (student check)", "Cell 2", "Cell 3"):
+        assert f"PASSED 01_good.ipynb::{cell}\n" in out
+    assert "FAILED 02_bad.ipynb::Cell 2 (student check)" in out
+    assert "check cell 5 ('total-check') passes with the stub — it cannot fail" in out
+    assert "1 failed, 13 passed" in out  # 6 code cells (1 for Colab) + 2 inserted per notebook
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -251,7 +332,7 @@ def test_lint_passes_a_good_notebook(tmp_path, capsys):
 def test_lint_finds_broken_nbgrader_conventions():
     nb = exercise_nb()
     nb.cells[4].metadata = {}  # solution region without metadata
-    nb.cells[6].metadata = nt.grade_metadata("total-check")  # duplicate id
+    nb.cells[6].metadata = st.grade_metadata("total-check")  # duplicate id
     problems = "\n".join(nt.lint(nb, "01_sums"))
     assert "cell 4: has a '### BEGIN SOLUTION' region but no solution metadata" in problems
     assert "cell 6: duplicate grade_id 'total-check' (also cell 5)" in problems
@@ -324,16 +405,6 @@ def test_check_passes_a_good_notebook(tmp_path, capsys):
     assert "01_sums.ipynb: ok — 1 exercise; solutions run clean" in out
 
 
-def test_check_student_only_skips_the_instructor_run_but_still_checks_the_copy(tmp_path, capsys):
-    """``make test`` runs ``check --student-only``: nbval executes the instructor notebooks, so each runs once."""
-    wrong = save(exercise_nb(solution=SOLUTION.replace("math.fsum(xs)", "sum(xs)")), tmp_path, "01_a.ipynb")
-    rc, out, _ = cli(capsys, "check", "--student-only", wrong)
-    assert rc == 0 and "solutions not run (--student-only)" in out  # the wrong solution is nbval's to catch
-    later = save(exercise_nb(after="print(total([0.1] * 10))"), tmp_path, "02_b.ipynb")
-    rc, out, _ = cli(capsys, "check", "--student-only", later)
-    assert rc == 1 and "student copy: cell 6 raises NotImplementedError" in out
-
-
 def test_check_fails_when_a_later_cell_uses_the_students_function(tmp_path, capsys):
     rc, out, _ = cli(capsys, "check", save(exercise_nb(after="print(total([0.1] * 10))"), tmp_path))
     assert rc == 1
@@ -365,7 +436,7 @@ def test_run_keeps_counts_strips_volatile_metadata_and_flags_leaks(tmp_path, cap
     assert code[0].outputs == []  # the Colab setup cell is silent here
     assert [o.get("text") for o in code[3].outputs] == ["case 1: ✓ exact\ncase 2: ✓ exact\n✓ exact\n"]
     assert code[4].outputs[0].text.startswith("# lorabook/timing.py — Timing.min\n@property\n")  # cwd: tmp_path
-    assert code[4].metadata == {"tags": ["keep-me"]} and code[2].metadata == nt.solution_metadata("total")
+    assert code[4].metadata == {"tags": ["keep-me"]} and code[2].metadata == st.solution_metadata("total")
     assert "colab" not in code[1].metadata and "widgets" not in ran.metadata
     assert nt.lint(ran, "01_sums") == []
 

@@ -8,11 +8,13 @@ In a notebook::
 
     show.py       show(obj) / source(obj): the library's source under a ``# lorabook/path.py — name`` header
     check.py      check(student, reference, ...) -> CheckResult: compare like ``cmp``, explain a mismatch
-    notebooks.py  student copies (nbgrader conventions), execution checks, headless runs, lint
+    student.py    student copies (nbgrader conventions), exercises, what one run must add to check both copies
+    notebooks.py  execution checks, headless runs, lint
+    nbval_student.py  pytest plugin: nbval's run of a notebook also runs its student copy's exercises
     colab.py      the Colab badge and set-up cell from REPO / BRANCH
     __main__.py   python -m lorabook.teach student|check|run|lint|colab
 
-Notebook conventions (nbgrader's, see ``lorabook.teach.notebooks`` for the exact metadata): a solution cell
+Notebook conventions (nbgrader's, see ``lorabook.teach.student`` for the exact metadata): a solution cell
 defines a function whose body holds ``### BEGIN SOLUTION`` … ``### END SOLUTION``; the next code cell is a
 locked grade cell that calls ``check(...)`` against the library; later cells use the library, never the
 student's function.

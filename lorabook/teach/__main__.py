@@ -3,8 +3,7 @@
 Notebooks default to ``notebooks/[0-9][0-9]_*.ipynb``::
 
     student --out DIR [NB ...]   write student copies: solutions -> stubs, hidden tests and outputs removed
-    check [--student-only] [NB ...]  solutions run clean; in the student copy exactly the check cells fail
-                                 (--student-only: run only the student copy; the instructor run is nbval's)
+    check [NB ...]               solutions run clean; in the student copy exactly the check cells fail
     run NB ...                   execute in place, keep execution counts, strip volatile metadata
     lint [NB ...]                nbgrader metadata, grade ids, outputs (paths, addresses, counts), Colab cells
     colab [NB ...]               (re)write the Colab badge and setup cells from REPO/BRANCH
@@ -28,8 +27,6 @@ def main(argv=None) -> int:
     s.add_argument("notebooks", nargs="*", metavar="NB", help=help_nb)
     c = sub.add_parser("check", help="solutions run clean; in student copies exactly the check cells fail")
     c.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
-    c.add_argument("--student-only", action="store_true",
-                   help="run only the student copies (when nbval runs the instructor notebooks anyway)")
     c.add_argument("notebooks", nargs="*", metavar="NB", help=help_nb)
     r = sub.add_parser("run", help="execute notebooks in place, keep execution counts, strip volatile metadata")
     r.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
@@ -45,9 +42,7 @@ def main(argv=None) -> int:
             raise nt.UsageError(f"--timeout must be a positive number of seconds, got {a.timeout}")
         command = {"check": nt.check_command, "run": nt.run_command, "lint": nt.lint_command,
                    "colab": nt.colab_command}[a.command]
-        if a.command == "check":
-            return command(paths, a.timeout, instructor=not a.student_only)
-        return command(paths, a.timeout) if a.command == "run" else command(paths)
+        return command(paths, a.timeout) if a.command in ("check", "run") else command(paths)
     except nt.UsageError as e:
         p.error(str(e))  # prints usage and the message, exits with status 2
 

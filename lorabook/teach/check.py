@@ -11,6 +11,9 @@ dtypes and container types must match. Each case prints one line; a mismatch rai
 saying where, by how much, and what each side returned. A stub that raises ``NotImplementedError`` fails
 with "not implemented yet — write your solution in the cell above", so an nbgrader check cell errors.
 ``check`` returns ``CheckResult(exact, max_diff)`` (it displays nothing in a notebook).
+
+``expect_stub_failure(source, where)`` runs a student copy's check cell in the notebook's namespace and
+raises unless it fails on the stub (``lorabook.teach.nbval_student`` runs it inside the instructor's run).
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ import copy
 import dataclasses
 import math
 import random
+import sys
 
 import numpy as np
 import torch
 
-__all__ = ["CheckResult", "check", "NOT_IMPLEMENTED"]
+__all__ = ["CheckResult", "check", "NOT_IMPLEMENTED", "expect_stub_failure"]
 
 NOT_IMPLEMENTED = "not implemented yet — write your solution in the cell above"
 
@@ -90,6 +94,49 @@ def _call_both(reference, student, args, kwargs, label):
         where = f" in {label}" if label else ""
         raise AssertionError(f"your function raised {type(e).__name__}: {e}{where}") from e
     return want, got
+
+
+def expect_stub_failure(source: str, where: str) -> None:
+    """Run ``source`` (a student copy's check cell) in the caller's namespace; it must fail on the stub.
+
+    Passes when the cell raises AssertionError or NotImplementedError, and raises RuntimeError when it passes
+    (a check that cannot fail) or fails for another reason. In IPython the namespace is the notebook's and
+    magics work. Random states — the global ones and every generator the namespace holds — are restored, so
+    the instructor's cells that follow draw the same numbers as in a run without this one."""
+    from IPython import get_ipython
+    shell = get_ipython()
+    namespace = shell.user_ns if shell is not None else sys._getframe(1).f_globals
+    code = shell.transform_cell(source) if shell is not None else source
+    rng, generators = _rng_state(), _generator_states(namespace)
+    try:
+        exec(compile(code, f"<student copy of {where}>", "exec"), namespace)
+    except (AssertionError, NotImplementedError) as e:
+        print(f"student copy: {where} fails on the stub, as it should ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''})")
+        return
+    except Exception as e:
+        raise RuntimeError(f"student copy: {where} fails for another reason: {type(e).__name__}: {e}") from e
+    finally:
+        _set_rng_state(rng)
+        for restore in generators:
+            restore()
+    raise RuntimeError(f"student copy: {where} passes with the stub — it cannot fail")
+
+
+def _generator_states(namespace: dict) -> list:
+    """A restore() per random generator in ``namespace`` (torch, numpy, random.Random), at its current state."""
+    restores = []
+    for value in list(namespace.values()):
+        if isinstance(value, torch.Generator):
+            restores.append(lambda g=value, s=value.get_state(): g.set_state(s))
+        elif isinstance(value, np.random.Generator):
+            restores.append(lambda g=value, s=copy.deepcopy(value.bit_generator.state):
+                            setattr(g.bit_generator, "state", s))
+        elif isinstance(value, np.random.RandomState):
+            restores.append(lambda g=value, s=value.get_state(): g.set_state(s))
+        elif isinstance(value, random.Random):
+            restores.append(lambda g=value, s=value.getstate(): g.setstate(s))
+    return restores
 
 
 def _rng_state():

@@ -1,19 +1,9 @@
-"""Notebook files for ``python -m lorabook.teach``: student copies, execution checks, headless runs, lint, Colab.
+"""Notebook files for ``python -m lorabook.teach``: execution checks, headless runs, lint, student copies, Colab.
 
-The cell conventions are nbgrader's, so an instructor can also use nbgrader itself:
-
-* A **solution cell** is a code cell defining a function whose body holds ``### BEGIN SOLUTION`` …
-  ``### END SOLUTION``; its metadata is ``solution_metadata(grade_id)``. The student copy replaces the region
-  with ``# YOUR CODE HERE`` / ``raise NotImplementedError()`` at the region's indentation, so the cell still
-  runs and only calling the function raises. (A markdown solution cell's region becomes ``YOUR ANSWER HERE``.)
-* The **next code cell** is its grade cell: it calls ``check(student_fn, library_fn, ...)`` and has
-  ``grade_metadata(grade_id)``. ``### BEGIN HIDDEN TESTS`` … ``### END HIDDEN TESTS`` regions in it are
-  removed from the student copy.
-* Every other cell uses the library, so in the student copy exactly the grade cells fail ("the rest still
-  runs"): ``check`` executes both copies and verifies that.
-
-Cells are numbered from 0, as in ``nb.cells``. A cell may raise on purpose when tagged ``raises-exception``
-or when it starts with ``# NBVAL_RAISES_EXCEPTION``.
+The exercise conventions (nbgrader's) and the student copies are in ``lorabook.teach.student``. ``check``
+executes the instructor notebook and its student copy and verifies that the solutions run clean and that in the
+student copy exactly the check cells fail. Cells are numbered from 0, as in ``nb.cells``. A cell may raise on
+purpose when tagged ``raises-exception`` or when it starts with ``# NBVAL_RAISES_EXCEPTION``.
 """
 from __future__ import annotations
 
@@ -27,12 +17,10 @@ import nbformat
 
 from .._io import write_text
 from .colab import add_colab_cells, cell_tags, lint_colab, repo_and_branch
+from .student import exercises, grader_meta, lint_exercises, lint_stub_uses, student_copy
 
 DEFAULT_GLOB = "notebooks/[0-9][0-9]_*.ipynb"
 KERNEL = "python3"
-SOLUTION, HIDDEN = "SOLUTION", "HIDDEN TESTS"  # ### BEGIN <kind> … ### END <kind>
-CODE_STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
-ANSWER_STUB = ["YOUR ANSWER HERE"]
 VOLATILE_CELL_METADATA = ("ExecuteTime", "execution", "outputId", "colab")
 MAX_WIDGET_STATE = 20_000  # bytes of notebook-level widget state we keep
 ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
@@ -41,18 +29,6 @@ ABSPATH = re.compile(r"(?<![\w.~])/(?:root|tmp|work|home|Users)/|\b[A-Z]:\\Users
 
 class UsageError(Exception):
     """A bad command-line argument; the message names it."""
-
-
-def solution_metadata(grade_id: str) -> dict:
-    """The metadata of a solution cell (nbgrader's 'autograded answer')."""
-    return {"nbgrader": {"solution": True, "grade": False, "locked": False, "grade_id": grade_id,
-                         "schema_version": 3}}
-
-
-def grade_metadata(grade_id: str, points: int = 1) -> dict:
-    """The metadata of the check cell after a solution cell (nbgrader's 'autograder tests')."""
-    return {"nbgrader": {"solution": False, "grade": True, "locked": True, "points": points,
-                         "grade_id": grade_id, "schema_version": 3}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,121 +62,13 @@ def write(nb, path: Path) -> None:
     write_text(path, nbformat.writes(nb) + "\n")
 
 
-def _meta(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
-
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# solution and hidden-test regions, student copies
-
-
-def regions(source: str, kind: str) -> list[tuple[int, int]]:
-    """(begin, end) line numbers (from 0) of each ``### BEGIN kind`` … ``### END kind`` region."""
-    begin, end = f"### BEGIN {kind}", f"### END {kind}"
-    found, start = [], None
-    for i, line in enumerate(source.splitlines()):
-        if line.strip().startswith(begin):
-            if start is not None:
-                raise ValueError(f"'{begin}' on line {i + 1} is nested in the one on line {start + 1}")
-            start = i
-        elif line.strip().startswith(end):
-            if start is None:
-                raise ValueError(f"'{end}' on line {i + 1} has no '{begin}' before it")
-            found.append((start, i))
-            start = None
-    if start is not None:
-        raise ValueError(f"'{begin}' on line {start + 1} has no '{end}'")
-    return found
-
-
-def replace_regions(source: str, kind: str, stub: list[str]) -> str:
-    """``source`` with each ``kind`` region (markers included) replaced by ``stub`` at the region's indent."""
-    lines = source.splitlines()
-    for start, stop in reversed(regions(source, kind)):
-        indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
-        lines[start: stop + 1] = [indent + s for s in stub]
-    return "\n".join(lines) + ("\n" if source.endswith("\n") else "")
-
-
-def student_copy(nb):
-    """A copy without solutions, hidden tests, outputs or execution counts; raises ValueError on bad markers."""
-    nb = copy.deepcopy(nb)
-    nb.metadata = nbformat.NotebookNode({k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")})
-    for i, cell in enumerate(nb.cells):
-        stub = CODE_STUB if cell.cell_type == "code" else ANSWER_STUB
-        try:
-            if _meta(cell).get("solution") and not regions(cell.source, SOLUTION):
-                cell.source = "\n".join(stub)  # nbgrader's rule: a solution cell without a region is all solution
-            cell.source = replace_regions(cell.source, SOLUTION, stub)
-            cell.source = replace_regions(cell.source, HIDDEN, [])
-        except ValueError as e:
-            raise ValueError(f"cell {i}: {e}") from None
-        cell.metadata = nbformat.NotebookNode({k: v for k, v in cell.metadata.items() if k in ("tags", "nbgrader")})
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    return nb
-
-
-def exercises(nb) -> list[tuple[int, int | None]]:
-    """(solution cell, its grade cell or None) for every code solution cell: the grade cell is the next code cell."""
-    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    pairs = []
-    for k, i in enumerate(code):
-        if _meta(nb.cells[i]).get("solution"):
-            nxt = code[k + 1] if k + 1 < len(code) else None
-            pairs.append((i, nxt if nxt is not None and _meta(nb.cells[nxt]).get("grade") else None))
-    return pairs
-
-
-# ----------------------------------------------------------------------------------------------------------
 # lint
-
-
-def lint_exercises(nb) -> list[str]:
-    """Markers, nbgrader metadata, unique grade ids, and a check cell right after every solution cell."""
-    problems, ids = [], {}
-    for i, cell in enumerate(nb.cells):
-        meta = _meta(cell)
-        try:
-            sol, hidden = regions(cell.source, SOLUTION), regions(cell.source, HIDDEN)
-        except ValueError as e:
-            problems.append(f"cell {i}: {e}")
-            continue
-        if sol and not meta.get("solution"):
-            problems.append(f"cell {i}: has a '### BEGIN SOLUTION' region but no solution metadata "
-                            f"(set cell.metadata to solution_metadata(grade_id))")
-        if meta.get("solution") and not sol:
-            problems.append(f"cell {i}: solution cell without a '### BEGIN SOLUTION' region")
-        lines = cell.source.splitlines()
-        if cell.cell_type == "code" and any(lines[a] == lines[a].lstrip() for a, _ in sol):
-            problems.append(f"cell {i}: the solution region must sit inside a function body (indented), "
-                            f"so the student's stub raises only when the function is called")
-        if hidden and not meta.get("grade"):
-            problems.append(f"cell {i}: hidden tests belong in a grade cell")
-        for flag, want in (("solution", solution_metadata), ("grade", grade_metadata)):
-            if meta.get(flag):
-                expected = want(meta.get("grade_id", ""))["nbgrader"]
-                wrong = sorted(k for k, v in expected.items() if k != "points" and meta.get(k) != v)
-                if wrong or not meta.get("grade_id"):
-                    problems.append(f"cell {i}: {flag} cell metadata must include {expected} "
-                                    f"(wrong or missing: {', '.join(wrong) or 'grade_id'})")
-        if meta.get("grade") and not (isinstance(meta.get("points"), (int, float)) and meta["points"] > 0):
-            problems.append(f"cell {i}: grade cell needs points > 0, got {meta.get('points')!r}")
-        gid = meta.get("grade_id")
-        if gid is not None:
-            if gid in ids:
-                problems.append(f"cell {i}: duplicate grade_id {gid!r} (also cell {ids[gid]})")
-            ids.setdefault(gid, i)
-    for sol, grade in exercises(nb):
-        if grade is None:
-            problems.append(f"cell {sol}: solution cell is not followed by a grade cell (the next code cell)")
-        elif "check(" not in nb.cells[grade].source:
-            problems.append(f"cell {grade}: grade cell should call check(...) against the library")
-    return problems
 
 
 def output_text(cell) -> str:
@@ -243,7 +111,7 @@ def lint(nb, name: str) -> list[str]:
         problems = []
     except nbformat.ValidationError as e:
         problems = [f"invalid notebook: {str(e).splitlines()[0]}"]
-    return problems + lint_exercises(nb) + lint_outputs(nb) + lint_colab(nb, name)
+    return problems + lint_exercises(nb) + lint_stub_uses(nb) + lint_outputs(nb) + lint_colab(nb, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,29 +154,25 @@ def strip_volatile(nb) -> None:
         del nb.metadata["widgets"]
 
 
-def check_notebook(path: Path, timeout: int, instructor: bool = True) -> tuple[list[str], str]:
-    """(problems, summary): the solutions run clean and, in the student copy, exactly the check cells fail.
-
-    instructor=False skips the run of the instructor version (``--student-only``: when another runner, such as
-    ``make test``'s nbval, executes the instructor notebooks anyway, each runs once per test run)."""
+def check_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
+    """(problems, summary): the solutions run clean and, in the student copy, exactly the check cells fail."""
     nb = read(path)
     problems = lint_exercises(nb)
     if problems:
         return problems, "cell conventions broken; not executed"
     expected = {grade: sol for sol, grade in exercises(nb)}
     t0 = time.perf_counter()
-    if instructor:
-        errors, stopped = execute(copy.deepcopy(nb), path.parent, timeout)
-        problems += [f"instructor: execution stopped: {stopped}"] if stopped else []
-        problems += [f"instructor: cell {i} raises {e}: {v}" for i, (e, v) in errors.items()
-                     if not raises_on_purpose(nb.cells[i])]
+    errors, stopped = execute(copy.deepcopy(nb), path.parent, timeout)
+    problems += [f"instructor: execution stopped: {stopped}"] if stopped else []
+    problems += [f"instructor: cell {i} raises {e}: {v}" for i, (e, v) in errors.items()
+                 if not raises_on_purpose(nb.cells[i])]
     t1 = time.perf_counter()
     student = student_copy(nb)
     errors, stopped = execute(student, path.parent, timeout)
     t2 = time.perf_counter()
     problems += [f"student copy: execution stopped: {stopped}"] if stopped else []
     for grade in expected:
-        gid = _meta(nb.cells[grade]).get("grade_id")
+        gid = grader_meta(nb.cells[grade]).get("grade_id")
         if grade not in errors and not stopped:
             problems.append(f"student copy: check cell {grade} ({gid!r}) passes with the stub — it cannot fail")
         elif grade in errors and errors[grade][0] not in ("AssertionError", "NotImplementedError"):
@@ -318,9 +182,8 @@ def check_notebook(path: Path, timeout: int, instructor: bool = True) -> tuple[l
         if i not in expected and not raises_on_purpose(nb.cells[i]):
             problems.append(f"student copy: cell {i} raises {e}: {v} — only check cells may fail; later cells "
                             f"must use the library's version, not the student's")
-    ran = f"solutions run clean ({t1 - t0:.1f} s)" if instructor else "solutions not run (--student-only)"
-    summary = (f"{_count(len(expected), 'exercise')}; {ran}; in the student copy exactly the check cells fail "
-               f"({t2 - t1:.1f} s)")
+    summary = (f"{_count(len(expected), 'exercise')}; solutions run clean ({t1 - t0:.1f} s); in the student copy "
+               f"exactly the check cells fail ({t2 - t1:.1f} s)")
     return problems, summary
 
 
@@ -377,8 +240,8 @@ def run_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
         f"ran in {seconds:.1f} s"
 
 
-def check_command(paths: list[Path], timeout: int, instructor: bool = True) -> int:
-    return _report_each(paths, lambda path: check_notebook(path, timeout, instructor))
+def check_command(paths: list[Path], timeout: int) -> int:
+    return _report_each(paths, lambda path: check_notebook(path, timeout))
 
 
 def run_command(paths: list[Path], timeout: int) -> int:
