@@ -166,6 +166,16 @@ def test_check_compares_floats_with_rtol_and_atol(capsys):
     assert check(float("nan"), float("nan")).exact and check(torch.tensor([math.nan]), torch.tensor([math.nan])).exact
 
 
+def test_a_hint_follows_a_mismatch_but_not_a_stub():
+    with pytest.raises(AssertionError, match=r"yours 3, library 4 .*\n  hint: AdamW keeps two values"):
+        check(lambda: 3, lambda: 4, hint="AdamW keeps two values per parameter")
+    with pytest.raises(AssertionError) as e:
+        check(lambda: (_ for _ in ()).throw(NotImplementedError()), lambda: 4, hint="never shown")
+    assert str(e.value) == NOT_IMPLEMENTED
+    with pytest.raises(TypeError, match="hint must be a str"):
+        check(1, 1, hint=3)
+
+
 def test_a_stub_fails_with_not_implemented():
     def stub(xs):
         # YOUR CODE HERE

@@ -1,6 +1,7 @@
 """``check(student, reference, *args, ...)``: compare a student's exercise with the library's, like ``cmp``.
 
-``check(student, reference, *args, rtol=1e-5, atol=1e-8, cases=None, **kwargs)`` compares like ``cmp``.
+``check(student, reference, *args, rtol=1e-5, atol=1e-8, cases=None, hint=None, **kwargs)`` compares like
+``cmp``.
 Callables (functions, classes; an ``nn.Module`` only when given arguments) are called, each with its own
 deep copy of the arguments (so pass small inputs, not the base model) and the same RNG state, once per case
 in ``cases=[(args, kwargs), ...]`` (also the way to pass a keyword named like one of check's own);
@@ -46,8 +47,23 @@ class _Mismatch(Exception):
     """Raised inside ``_compare``; ``check`` turns it into an AssertionError with the case's context."""
 
 
-def check(student, reference, *args, rtol: float = 1e-5, atol: float = 1e-8, cases=None, **kwargs) -> CheckResult:
-    """Compare ``student`` with ``reference`` (the library's): call both per case, or compare two values."""
+def check(student, reference, *args, rtol: float = 1e-5, atol: float = 1e-8, cases=None, hint: str | None = None,
+          **kwargs) -> CheckResult:
+    """Compare ``student`` with ``reference`` (the library's): call both per case, or compare two values.
+
+    ``hint`` (words: what the answer depends on, the usual mistake) is added to a mismatch's message, not to
+    "not implemented yet"."""
+    if hint is not None and not isinstance(hint, str):
+        raise TypeError(f"check(..., hint=...): hint must be a str (words for the student), got {type(hint).__name__}")
+    try:
+        return _check(student, reference, args, kwargs, rtol, atol, cases)
+    except AssertionError as e:
+        if hint is None or str(e) == NOT_IMPLEMENTED:
+            raise
+        raise AssertionError(f"{e}\n  hint: {hint}") from e.__cause__
+
+
+def _check(student, reference, args, kwargs, rtol, atol, cases) -> CheckResult:
     has_args = bool(args or kwargs or cases)
     calls = [_is_call(student, has_args), _is_call(reference, has_args)]
     if calls[0] != calls[1]:
