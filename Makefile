@@ -13,7 +13,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONWARNINGS=ignore::DeprecationWarning
 
-.PHONY: lab test unit nbtest notebooks student bench setup model clean
+.PHONY: lab test unit nbtest notebooks student bench setup model clean e2e
 
 setup: $(STAMP)
 model: $(MODEL)
@@ -57,6 +57,22 @@ test: $(MODEL)
 # Execute every notebook in place (headless), keeping execution counts, then strip volatile metadata.
 notebooks: $(MODEL)
 	$(BIN)/python -m lorabook.teach run $(NOTEBOOKS)
+
+# The workbook in a real browser (tests/e2e): JupyterLab as `make lab` starts it (headless, a token, a free port on
+# 127.0.0.1), notebooks 00 and 01 run through its menus in Debian's Chromium, driven by Playwright from PyPI (its
+# own browser download is never used). Installs Chromium with apt-get when it is missing. Screenshots go to
+# tests/e2e/screenshots/ (E2E_SCREENSHOTS=DIR elsewhere).
+PLAYWRIGHT := playwright==1.65.2
+E2E_STAMP  := $(VENV)/.e2e-installed
+SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
+$(E2E_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "$(PLAYWRIGHT)"
+	touch $@
+
+e2e: $(MODEL) $(E2E_STAMP)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+	LORABOOK_E2E=1 timeout -s INT -k 30 2400 $(BIN)/python -m pytest -q -s tests/e2e
 
 student: $(MODEL)
 	$(BIN)/python -m lorabook.teach student --out student

@@ -345,16 +345,113 @@ def test_sizes_for_the_papers_budgets_on_gpt2_medium():
 
 def test_latency_table_rows_on_a_tiny_gpt2():
     cfg = tiny_gpt2().config
-    rows = latency.latency_table(cfg, shapes=((2, 8), (1, 4)), budgets=(2_000, 20_000), warmup=0, repeat=1, rounds=1)
+    with one_torch_thread():
+        rows = latency.latency_table(cfg, shapes=((2, 8), (1, 4)), budgets=(2_000, 20_000), warmup=0, rounds=3)
     assert [(r["method"], r["batch"], r["seq"]) for r in rows] == [
         (m, b, s) for b, s in ((2, 8), (1, 4)) for m in latency.LATENCY_METHODS]
     L, d = 2, 64
     theta = {"base": lambda s: 0, "lora": lambda r: 4 * L * d * r, "lora_merged": lambda r: 4 * L * d * r,
              "adapter_h": lambda m: 2 * L * (2 * d * m + d + m), "adapter_l": lambda m: L * (2 * d * m + m + 3 * d)}
     for r in rows:
-        assert r["trainable"] == theta[r["method"]](r["size"]) and r["ms"] > 0
-        assert r["overhead_pct"] == 0 if r["method"] == "base" else True
-    assert "adapter_h" in latency.format_table(rows)
+        assert r["trainable"] == theta[r["method"]](r["size"]) and r["ms"] > 0 and r["clock"] == "thread"
+        if r["method"] == "base":
+            assert r["overhead_pct"] == 0 and r["ratios"] == []
+        else:
+            assert len(r["ratios"]) == 3 and r["ci_low_pct"] <= r["overhead_pct"] <= r["ci_high_pct"]
+        assert r["flops_pct"] == latency.extra_flops_pct(r["method"], r["trainable"], cfg, r["batch"], r["seq"])
+    assert "adapter_h" in latency.format_table(rows) and "95% CI" in latency.format_table(rows)
+
+
+class one_torch_thread:
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+def test_bracketed_rounds_put_every_method_between_two_base_calls():
+    calls = []
+    fns = {m: (lambda m=m: calls.append(m)) for m in ("base", "a", "b")}
+    out = latency.bracketed_rounds(fns, "base", rounds=4, warmup=2, clock="wall")
+    assert sorted(calls[:6]) == ["a", "a", "b", "b", "base", "base"]  # two warm-up calls each
+    rounds = [calls[6 + 5 * k: 11 + 5 * k] for k in range(4)]
+    assert len(calls) == 6 + 4 * 5 and all(r[::2] == ["base"] * 3 and sorted(r[1::2]) == ["a", "b"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) == 2  # the order of a and b changes between rounds (seeded)
+    assert len(out["base"]["times"]) == 4 * 3 and len(out["a"]["ratios"]) == 4 and out["base"]["ratios"] == []
+
+
+def test_bracketed_ratio_is_the_call_over_the_mean_of_its_two_base_calls(monkeypatch):
+    seconds = iter([1.0, 3.0, 2.0, 6.0, 4.0])  # base 1, a 3, base 2, b 6, base 4 (order a, b or b, a)
+    monkeypatch.setattr(latency, "_seconds", lambda fn, clock, device: next(seconds))
+    out = latency.bracketed_rounds({"base": int, "a": int, "b": int}, "base", rounds=1, warmup=0, clock="wall")
+    assert sorted(out["a"]["ratios"] + out["b"]["ratios"]) == [2.0, 3.0 / 3.0 * 2.0]
+    assert out["base"]["times"] == [1.0, 2.0, 4.0]
+
+
+def test_ratio_ci_brackets_the_median_and_shrinks_with_more_rounds():
+    g = torch.Generator().manual_seed(0)
+    few = (1.03 + 0.05 * torch.randn(10, generator=g)).tolist()
+    many = (1.03 + 0.05 * torch.randn(400, generator=g)).tolist()
+    med, lo, hi = latency.ratio_ci(few)
+    assert lo <= med <= hi
+    m2, lo2, hi2 = latency.ratio_ci(many)
+    assert hi2 - lo2 < (hi - lo) / 2 and lo2 < 1.03 < hi2 and lo2 > 1.0  # 400 rounds separate +3% from 0
+    assert latency.ratio_ci(few) == latency.ratio_ci(few)  # seeded
+    assert latency.ratio_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratios=[1.0]), "at least 2"), (dict(ratios=[1.0, float("nan")]), "finite positive"),
+    (dict(ratios=[1.0, -1.0]), "finite positive"), (dict(ratios=[1.0, 1.1], confidence=1.0), "confidence"),
+    (dict(ratios=[1.0, 1.1], n_boot=0), "n_boot"),
+])
+def test_ratio_ci_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        latency.ratio_ci(**kwargs)
+
+
+def test_flops_count_the_weights_once_per_token():
+    cfg = latency.gpt2_config("gpt2-medium")
+    d, L, V = 1024, 24, cfg.vocab_size
+    assert latency.forward_flops(cfg, 1, 1) == 2 * (L * (12 * d * d + 2 * d) + d * V)
+    assert latency.forward_flops(cfg, 2, 16) == 2 * 2 * 16 * (L * (12 * d * d + 2 * 16 * d) + d * V)
+    assert latency.extra_flops_pct("lora_merged", 11_010_048, cfg, 1, 16) == 0.0
+    pct = latency.extra_flops_pct("lora", 11_010_048, cfg, 1, 16)
+    assert pct == pytest.approx(100 * 11_010_048 / (L * (12 * d * d + 32 * d) + d * V)) and 3.0 < pct < 3.2
+    with pytest.raises(ValueError, match="method must be one of"):
+        latency.extra_flops_pct("bitfit", 10, cfg, 1, 16)
+    with pytest.raises(ValueError, match="trainable"):
+        latency.extra_flops_pct("lora", -1, cfg, 1, 16)
+    with pytest.raises(ValueError, match="seq"):
+        latency.forward_flops(cfg, 1, 0)
+
+
+def test_pick_clock():
+    with one_torch_thread():
+        assert latency.pick_clock(None, "cpu") == "thread" and latency.pick_clock("wall", "cpu") == "wall"
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert latency.pick_clock(None, "cpu") == "wall"
+        with pytest.raises(ValueError, match="clock='thread' needs"):
+            latency.pick_clock("thread", "cpu")
+    finally:
+        torch.set_num_threads(n)
+    with pytest.raises(ValueError, match="clock must be one of"):
+        latency.pick_clock("cycles", "cpu")
+
+
+def test_bracketed_rounds_bad_input():
+    with pytest.raises(ValueError, match="base must be one of"):
+        latency.bracketed_rounds({"a": int}, "base", rounds=1)
+    with pytest.raises(ValueError, match="besides the base"):
+        latency.bracketed_rounds({"base": int}, "base", rounds=1)
+    with pytest.raises(ValueError, match="rounds"):
+        latency.bracketed_rounds({"base": int, "a": int}, "base", rounds=0)
+    with pytest.raises(ValueError, match="warmup"):
+        latency.bracketed_rounds({"base": int, "a": int}, "base", rounds=1, warmup=-1)
 
 
 def test_merged_lora_variant_equals_unmerged_and_leaves_the_shared_base_alone():
@@ -374,7 +471,8 @@ def test_merged_lora_variant_equals_unmerged_and_leaves_the_shared_base_alone():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(methods=("base", "qlora")), "methods"), (dict(methods=("lora",)), "methods"),
     (dict(budgets=(1e3, 2e3)), "budgets"), (dict(shapes=((1, 4096),), budgets=(1e3,)), "seq"),
-    (dict(shapes=((0, 4),), budgets=(1e3,)), "batch"), (dict(repeat=0), "repeat"),
+    (dict(shapes=((0, 4),), budgets=(1e3,)), "batch"), (dict(rounds=0), "rounds"), (dict(rounds=1), "rounds"),
+    (dict(confidence=0.0), "confidence"), (dict(clock="cycles"), "clock"),
 ])
 def test_latency_table_bad_input(kwargs, match):
     args = dict(shapes=((1, 4),), budgets=(1e3,)) | kwargs
@@ -414,3 +512,10 @@ def test_smollm2_counts_and_exact_starts(smollm2):
             if method != "prefix":
                 assert (model(x).logits - want).abs().max().item() <= 1e-6
             del model
+
+
+def test_format_table_reads_rows_of_an_earlier_sweep_without_intervals():
+    old = [dict(method="base", batch=1, seq=16, size=0, trainable=0, ms=350.0, iqr_ms=14.7, overhead_pct=0.0),
+           dict(method="lora", batch=1, seq=16, size=112, trainable=11_010_048, ms=364.4, iqr_ms=10.7, overhead_pct=4.2)]
+    text = latency.format_table(old)
+    assert "—" in text and "+4.2%" in text and "11,010,048" in text

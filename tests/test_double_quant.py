@@ -157,3 +157,15 @@ def test_mismatched_double_state():
     state.absmax2 = state.absmax2[:-1]
     with pytest.raises(ValueError, match="absmax2 must be float32 of shape \\(4,\\)"):
         state.validate(1000)
+
+
+def test_the_papers_8bit_floats_are_bitsandbytes_dynamic_map():
+    """QLoRA's "8-bit Floats" for the second quantization: in bitsandbytes, compress_statistics=True quantizes the
+    absmax with quantize_blockwise's default code, create_dynamic_map() -- a dynamic type, not IEEE FP8."""
+    w = torch.randn(64 * 600, generator=torch.Generator().manual_seed(0))
+    _, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(state.state2.code, bnbf.create_dynamic_map()) and torch.equal(state.state2.code, dq.dynamic_map())
+    assert state.state2.blocksize == dq.BLOCKSIZE2 == 256
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[torch.isfinite(e4m3)]
+    assert not set(dq.dynamic_map().tolist()) <= set((e4m3 / e4m3.abs().max()).tolist())

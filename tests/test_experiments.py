@@ -3,6 +3,8 @@ skipped, results merge safely, and one real (tiny) train_cli result summarises. 
 import json
 import threading
 
+import torch
+
 import pytest
 
 from lorabook import experiments as E
@@ -93,3 +95,66 @@ def test_a_real_tiny_run_summarises(tmp_path):
     assert len(summary["errors"]) <= 2 and "predictions" not in summary
     E.record(tmp_path / "r.json", "tiny", summary)
     assert E.load(tmp_path / "r.json")["tiny"]["accuracy_after"] == summary["accuracy_after"]
+
+
+# ---- the paper's §7: subspace similarity and the spectrum of an update ------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from lorabook.experiments import subspace as S  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(r1=st.integers(1, 6), r2=st.integers(1, 6), d=st.integers(12, 20), seed=st.integers(0, 10_000))
+def test_phi_is_in_0_1_and_one_for_a_subspace_and_its_own_reparametrisation(r1, r2, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    A1, A2 = torch.randn(r1, d, generator=g), torch.randn(r2, d, generator=g)
+    phi = S.subspace_similarity(A1, A2)
+    assert phi.shape == (r1, r2) and bool(((phi >= -1e-12) & (phi <= 1 + 1e-12)).all())
+    M = torch.randn(r1, r1, generator=g) + 3 * torch.eye(r1)  # invertible: same row space, other basis
+    assert S.subspace_similarity(A1, M @ A1, r1, r1) == pytest.approx(1.0)
+    stacked = torch.cat([A1, A2])  # A1's row space lies inside the stacked one
+    assert S.subspace_similarity(A1, stacked, r1, r1 + r2) == pytest.approx(1.0)
+    assert S.subspace_similarity(A1, A2, 1, 1) == pytest.approx(float(phi[0, 0]))
+
+
+def test_phi_of_orthogonal_subspaces_is_zero_and_of_random_ones_near_the_expectation():
+    eye = torch.eye(10)
+    assert S.subspace_similarity(eye[:3], eye[3:7]).abs().max() < 1e-12
+    g = torch.Generator().manual_seed(0)
+    phis = [S.subspace_similarity(torch.randn(8, 576, generator=g), torch.randn(64, 576, generator=g), 1, 64)
+            for _ in range(200)]
+    assert sum(phis) / len(phis) == pytest.approx(S.expected_random_overlap(576, 1, 64), rel=0.15)
+    assert S.expected_random_overlap(576, 1, 64) == 64 / 576 and S.expected_random_overlap(10, 4, 2) == 0.4
+
+
+def test_energy_fraction_and_spectrum_summary():
+    assert S.energy_fraction(torch.tensor([1.0, 3.0]), 1) == pytest.approx(0.9)
+    assert S.energy_fraction(torch.tensor([2.0, 1.0]), 5) == 1.0
+    u, v = torch.randn(6, 1), torch.randn(1, 4)
+    summary = S.spectrum_summary(u @ v + 0.0, top=3)  # rank 1: all the energy in one direction
+    assert summary["shape"] == [6, 4] and len(summary["sv"]) == 3 and summary["energy"]["1"] == pytest.approx(1.0)
+    assert summary["sq_total"] == pytest.approx(float((u @ v).square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: S.subspace_similarity(torch.ones(2, 3), torch.ones(2, 4)), "same input width"),
+    (lambda: S.subspace_similarity(torch.ones(3), torch.ones(2, 3)), "2-D tensors"),
+    (lambda: S.subspace_similarity(torch.eye(3)[:2], torch.eye(3), 3, 1), "i must be"),
+    (lambda: S.subspace_similarity(torch.eye(3)[:2], torch.eye(3), 1), "both i and j"),
+    (lambda: S.expected_random_overlap(0, 1, 1), "d must be"),
+    (lambda: S.expected_random_overlap(5, 6, 1), "i must be"),
+    (lambda: S.energy_fraction(torch.tensor([1.0, float("nan")]), 1), "singular_values"),
+    (lambda: S.energy_fraction(torch.zeros(3), 1), "all 0"),
+    (lambda: S.energy_fraction(torch.ones(3), 0), "k must be"),
+    (lambda: S.train_weights("no-such-run"), "run must be one of"),
+])
+def test_subspace_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_subspace_cli_dry_run_trains_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(S, "subspace", lambda: pytest.fail("a dry run must not train"))
+    experiments_cli.main(["subspace", "--dry-run"])
+    assert capsys.readouterr().out == ""

@@ -150,6 +150,67 @@ def test_dropout_only_in_training():
     assert not torch.allclose(layer(x), layer.base(x) + x @ layer.delta_weight().T)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_dropout_drops_the_lora_input_only(backend):
+    # h = W0 x + s · B A dropout(x): the base path sees the whole x, the mask is F.dropout's (inverted: kept
+    # entries are scaled by 1 / (1 - p)), drawn once per forward.
+    p = 0.4
+    layer = LoRALinear(nn.Linear(16, 12), r=4, alpha=8, dropout=p, backend=backend).train()
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(6, 16)
+    torch.manual_seed(3)
+    got = layer(x)
+    torch.manual_seed(3)
+    dropped = torch.nn.functional.dropout(x, p, training=True)
+    assert 0 < (dropped == 0).float().mean() < 1  # some entries dropped, not all
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    torch.testing.assert_close(got, layer.base(x) + 2.0 * dropped @ A.T @ B.T)
+    layer.lora_B["default"].data.zero_()  # B = 0 (at init): dropout changes nothing
+    assert torch.equal(layer(x), layer.base(x))
+
+
+def test_dropout_matches_peft_in_train_and_eval():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 12))
+    theirs = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["0"]))
+    ours = add_lora(copy.deepcopy(net), ["0"], r=4, alpha=8, dropout=0.3)
+    peft_layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_()
+        ours[0].lora_A["default"].copy_(peft_layer.lora_A["default"].weight)
+        ours[0].lora_B["default"].copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(5, 16)
+    for mode in ("train", "eval"):
+        getattr(theirs, mode)(), getattr(ours, mode)()
+        torch.manual_seed(1)
+        want = theirs(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(ours(x), want)
+
+
+def test_merging_is_exact_only_in_eval():
+    # The merged forward is W x: it has no dropout to apply. In eval it equals the unmerged forward; in train
+    # the unmerged one drops inputs of the LoRA path, the merged one cannot.
+    layer = LoRALinear(nn.Linear(16, 16), r=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        layer.eval()
+        unmerged_eval = layer(x)
+        layer.train()
+        torch.manual_seed(0)
+        unmerged_train = layer(x)
+        layer.merge()
+        merged_train = layer(x)  # train() mode, but nothing is dropped any more
+        layer.eval()
+        merged_eval = layer(x)
+    torch.testing.assert_close(merged_eval, unmerged_eval, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged_train, merged_eval)
+    assert not torch.allclose(merged_train, unmerged_train, rtol=1e-3, atol=1e-3)
+
+
 def test_bf16_base():
     layer = LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=2)
     assert layer(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook.quant import cpu_kernel as nf4_kernel, nf4
+from lorabook.quant import codebooks, cpu_kernel as nf4_kernel, nf4
 from lorabook.quant.nf4 import QuantizedTensor, dequantize_4bit, quantize_4bit
 
 with warnings.catch_warnings():
@@ -48,7 +48,7 @@ def assert_bit_exact(w, blocksize=64, codebook="nf4"):
 # ---- codebooks ----------------------------------------------------------------------------------------------
 
 def test_nf4_codebook_is_derived_and_equals_bitsandbytes_table():
-    levels = nf4.nf4_codebook()
+    levels = codebooks.nf4_codebook()
     assert torch.equal(levels, bnbf.get_4bit_type("nf4", device="cpu"))  # every bit
     assert levels.dtype == torch.float32 and levels.shape == (16,)
     assert (levels[1:] > levels[:-1]).all() and levels[0] == -1 and levels[-1] == 1
@@ -57,36 +57,167 @@ def test_nf4_codebook_is_derived_and_equals_bitsandbytes_table():
 
 def test_nf4_levels_are_normal_quantiles():
     # between the outermost quantiles the positive levels split N(0,1)'s mass into equal steps
-    positive = nf4.nf4_codebook()[7:].double()  # 0 and the 8 positive levels
-    scale = torch.special.ndtri(torch.tensor(nf4.NF4_OFFSET, dtype=torch.float64))
+    positive = codebooks.nf4_codebook()[7:].double()  # 0 and the 8 positive levels
+    scale = torch.special.ndtri(torch.tensor(codebooks.NF4_OFFSET, dtype=torch.float64))
     mass = torch.special.ndtr(positive * scale)
     steps = mass.diff()
     assert torch.allclose(steps, steps.mean(), rtol=1e-5)
 
 
 def test_fp4_and_int4_codebooks():
-    assert torch.equal(nf4.fp4_codebook(), bnbf.get_4bit_type("fp4", device="cpu"))
-    int4 = nf4.int4_codebook()
+    assert torch.equal(codebooks.fp4_codebook(), bnbf.get_4bit_type("fp4", device="cpu"))
+    int4 = codebooks.int4_codebook()
     x = torch.cat([torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.tensor([-1.0, 1.0])])
     codes = nf4.nearest_code(x, "int4")
     assert torch.equal(torch.round(int4[codes.long()] * 7), torch.round(x * 7))  # nearest level = round(7x) / 7
     assert codes.min() == 1  # code 0 (-8/7) is never used
 
 
+def test_nf_codebook_generalises_nf4():
+    assert torch.equal(codebooks.nf_codebook(4), codebooks.nf4_codebook())  # every bit
+    assert torch.equal(codebooks.nf_codebook(4, 0.99), codebooks.nf4_codebook(0.99))
+    for bits in range(2, 9):
+        levels = codebooks.nf_codebook(bits)
+        assert levels.shape == (2 ** bits,) and (levels.diff() > 0).all() and levels[0] == -1 and levels[-1] == 1
+        assert (levels == 0).sum() == 1 and (levels > 0).sum() == 2 ** (bits - 1)
+
+
+def test_nf4_offset_is_the_mean_of_two_outer_bin_centres():
+    # 1 - 1/(2n): the probability at the centre of the outermost of n equal-probability bins, for n = 16 and 15
+    assert abs(codebooks.NF4_OFFSET - ((1 - 1 / 32) + (1 - 1 / 30)) / 2) < 1e-7
+
+
+def test_qlora_eq4_levels_follow_the_formula():
+    levels = codebooks.qlora_eq4_levels()
+    assert levels.shape == (15,) and levels.dtype == torch.float32 and (levels.diff() > 0).all()
+    assert torch.equal(levels, -levels.flip(0)) and levels[7] == 0 and levels[-1] == 1  # symmetric, exact zero
+    q = torch.distributions.Normal(0.0, 1.0).icdf  # an independent quantile function (fp32)
+    i = torch.arange(1, 16, dtype=torch.float32)
+    direct = (q(i / 17) + q((i + 1) / 17)) / 2  # eq. 4, its finite terms
+    assert torch.allclose(levels, direct / direct.max(), atol=1e-5)
+    unscaled = levels.double() * (direct.max().double())  # each level lies inside its own bin
+    edges = torch.special.ndtri(torch.arange(1, 17, dtype=torch.float64) / 17)
+    assert ((unscaled > edges[:-1]) & (unscaled < edges[1:])).all()  # level i in (Q(i/17), Q((i+1)/17))
+    assert codebooks.qlora_eq4_levels(2).tolist() == [-1.0, 0.0, 1.0]
+    assert not torch.allclose(levels[7:], codebooks.nf4_codebook()[8:], atol=1e-2)  # not bitsandbytes' NF4
+
+
+@pytest.mark.parametrize("fn, bad", [(codebooks.nf4_codebook, 1.0), (codebooks.nf4_codebook, 0.5), (codebooks.nf4_codebook, float("nan")),
+                                     (codebooks.nf4_codebook, True), (lambda o: codebooks.nf_codebook(4, o), 1.5)])
+def test_bad_offset(fn, bad):
+    with pytest.raises(ValueError, match="offset must be a finite number in"):
+        fn(bad)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 4.0, True, "4"])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits must be an int >= 2 <= 8"):
+        codebooks.nf_codebook(bits)
+    with pytest.raises(ValueError, match="bits must be an int >= 2 <= 8"):
+        codebooks.qlora_eq4_levels(bits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_blocks=st.integers(1, 20), blocksize=st.sampled_from([32, 64, 128]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2 ** 16), name=st.sampled_from(["nf4", "int4"]))
+def test_round_to_levels_equals_quantize_4bit(n_blocks, blocksize, dtype, seed, name):
+    w = torch.randn(n_blocks * blocksize, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    codes, back = nf4.round_to_levels(w, codebooks.codebook(name), blocksize)
+    q = quantize_4bit(w, blocksize=blocksize, codebook=name)
+    assert torch.equal(codes, nf4.unpack_4bit(q.packed, q.numel).long())  # nf4 and int4 codes are sorted
+    assert same_bits(back, dequantize_4bit(q)) and back.dtype == dtype
+
+
+def test_round_to_levels_with_other_levels():
+    w = torch.zeros(2, 32)
+    w[0, :4] = torch.tensor([0.1, -1.0, 0.5, 0.26])  # absmax 1; midpoints of the levels: -0.5, 0.25, 0.75
+    w[1, :4] = torch.tensor([2.0, 0.5, -0.9, 1.1])  # absmax 2: 0.5 scales to 0.25, a tie -> the lower level
+    codes, back = nf4.round_to_levels(w, torch.tensor([-1.0, 0.0, 0.5, 1.0]), blocksize=32)
+    assert codes.shape == (64,) and back.shape == (2, 32)
+    assert codes[:4].tolist() == [1, 0, 2, 2] and codes[32:36].tolist() == [3, 1, 1, 2]
+    assert back[0, :4].tolist() == [0.0, -1.0, 0.5, 0.5] and back[1, :4].tolist() == [2.0, 0.0, 0.0, 1.0]
+    assert (codes[4:32] == 1).all() and (back[:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("levels, match", [
+    (torch.tensor([0.0, 1.0, 0.5]), "strictly increasing"), (torch.tensor([1.0]), ">= 2 finite"),
+    (torch.tensor([[0.0, 1.0]]), "1-D tensor"), (torch.tensor([0.0, float("inf")]), "finite"), ([0.0, 1.0], "levels")])
+def test_round_to_levels_bad_levels(levels, match):
+    with pytest.raises(ValueError, match=match):
+        nf4.round_to_levels(torch.randn(64), levels)
+
+
+def test_round_to_levels_bad_input():
+    with pytest.raises(ValueError, match="w has 100 values, not a multiple of blocksize=64"):
+        nf4.round_to_levels(torch.randn(100), codebooks.nf4_codebook())
+    with pytest.raises(ValueError, match="blocksize must be a power of two"):
+        nf4.round_to_levels(torch.randn(96), codebooks.nf4_codebook(), blocksize=48)
+    with pytest.raises(TypeError, match="w must be float32"):
+        nf4.round_to_levels(torch.ones(64, dtype=torch.int32), codebooks.nf4_codebook())
+    w = torch.randn(128)
+    w[70] = float("nan")
+    with pytest.raises(ValueError, match="w contains NaN or Inf \\(first at flat index 70\\)"):
+        nf4.round_to_levels(w, codebooks.nf4_codebook())
+
+
+def test_code_occupancy_and_entropy():
+    q = quantize_4bit(torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0]))  # odd: the padding code 7 is not counted
+    p = nf4.code_occupancy(q)
+    assert p.dtype == torch.float64 and p.shape == (16,)
+    assert p[15] == 0.2 and p[0] == 0.2 and p[7] == pytest.approx(0.6) and p.sum() == pytest.approx(1)
+    assert torch.equal(nf4.code_occupancy(torch.tensor([0, 2, 2, 1]), n_codes=3), torch.tensor([0.25, 0.25, 0.5],
+                                                                                               dtype=torch.float64))
+    assert nf4.entropy_bits(torch.full((16,), 1 / 16)) == pytest.approx(4.0)
+    assert nf4.entropy_bits(torch.tensor([0.0, 1.0, 0.0])) == 0.0
+    assert nf4.entropy_bits(torch.tensor([0.5, 0.25, 0.25])) == pytest.approx(1.5)
+    w = torch.randn(2 ** 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nf4.code_occupancy(quantize_4bit(w)), nf4.code_occupancy(nf4.round_to_levels(w, codebooks.nf4_codebook())[0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2 ** 16), name=st.sampled_from(codebooks.CODEBOOKS))
+def test_code_occupancy_counts_the_unpacked_codes(n, seed, name):
+    q = quantize_4bit(torch.randn(n, generator=torch.Generator().manual_seed(seed)), codebook=name)
+    codes = nf4.unpack_4bit(q.packed, n)  # without the padding code
+    assert torch.equal(nf4.code_occupancy(q), torch.bincount(codes.long(), minlength=16).double() / n)
+
+
+@pytest.mark.parametrize("codes, error, match", [
+    (torch.tensor([0.5, 1.0]), TypeError, "integer tensor"), (torch.tensor([True]), TypeError, "integer tensor"),
+    (torch.zeros(0, dtype=torch.long), TypeError, "non-empty"), ([1, 2], TypeError, "codes must be"),
+    (torch.tensor([0, 16]), ValueError, "codes must lie in 0 … 15, got 0 … 16"),
+    (torch.tensor([-1, 3]), ValueError, "got -1 … 3")])
+def test_code_occupancy_bad_input(codes, error, match):
+    with pytest.raises(error, match=match):
+        nf4.code_occupancy(codes)
+
+
+def test_code_occupancy_bad_n_codes_and_entropy_bad_input():
+    with pytest.raises(ValueError, match="n_codes must be an int >= 1"):
+        nf4.code_occupancy(torch.tensor([0]), n_codes=0)
+    with pytest.raises(ValueError, match="n_codes must be 16 for a QuantizedTensor"):
+        nf4.code_occupancy(quantize_4bit(torch.randn(64)), n_codes=15)
+    for bad, error in [(torch.tensor([0.5, 0.4]), ValueError), (torch.tensor([1.5, -0.5]), ValueError),
+                       (torch.tensor([float("nan"), 1.0]), ValueError), (torch.tensor([1, 0]), TypeError),
+                       (torch.ones(2, 2) / 4, TypeError), ([0.5, 0.5], TypeError)]:
+        with pytest.raises(error, match="p must"):
+            nf4.entropy_bits(bad)
+
+
 def test_codebook_returns_a_copy_and_rejects_unknown_names():
-    nf4.codebook("nf4")[0] = 5.0
-    assert nf4.codebook("nf4")[0] == -1
+    codebooks.codebook("nf4")[0] = 5.0
+    assert codebooks.codebook("nf4")[0] == -1
     with pytest.raises(ValueError, match="codebook must be one of"):
-        nf4.codebook("nf5")
+        codebooks.codebook("nf5")
 
 
 # ---- nearest level and packing ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
-@pytest.mark.parametrize("name", nf4.CODEBOOKS)
+@pytest.mark.parametrize("name", codebooks.CODEBOOKS)
 def test_nearest_code_equals_bucketize_on_every_cell_edge_and_midpoint(name, backend):
     """The first and last float of every 16-bit cell of the fast path's tables, every midpoint and its neighbours."""
-    levels = nf4.codebook(name)
+    levels = codebooks.codebook(name)
     order = torch.argsort(levels)
     ordered = levels[order]
     mids = (ordered[:-1] + ordered[1:]) / 2
@@ -102,7 +233,7 @@ def test_nearest_code_equals_bucketize_on_every_cell_edge_and_midpoint(name, bac
 @given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=200))
 def test_nearest_code_property(values):
     x = torch.tensor(values, dtype=torch.float32)
-    levels = nf4.nf4_codebook()
+    levels = codebooks.nf4_codebook()
     codes = nf4.nearest_code(x).long()
     assert torch.equal(codes, torch.bucketize(x, (levels[:-1] + levels[1:]) / 2))
     inside = x.abs() <= 1
@@ -182,7 +313,7 @@ def test_error_bound_and_exact_block_maxima(n, blocksize, seed):
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     q = quantize_4bit(w, blocksize=blocksize)
     back = dequantize_4bit(q)
-    levels = nf4.nf4_codebook()
+    levels = codebooks.nf4_codebook()
     half_gap = (levels.diff().max() / 2).item()
     per_value_absmax = q.absmax.repeat_interleave(blocksize)[:n]
     assert ((w - back).abs() <= per_value_absmax * half_gap * (1 + 1e-6)).all()
@@ -192,7 +323,7 @@ def test_error_bound_and_exact_block_maxima(n, blocksize, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 500), seed=st.integers(0, 2 ** 16), codebook=st.sampled_from(nf4.CODEBOOKS))
+@given(n=st.integers(1, 500), seed=st.integers(0, 2 ** 16), codebook=st.sampled_from(codebooks.CODEBOOKS))
 def test_quantizing_a_dequantized_tensor_changes_nothing(n, seed, codebook):
     q = quantize_4bit(torch.randn(n, generator=torch.Generator().manual_seed(seed)), codebook=codebook)
     again = quantize_4bit(dequantize_4bit(q), codebook=codebook)

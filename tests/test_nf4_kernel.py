@@ -4,8 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook.quant import cpu_kernel as nf4_kernel, nf4
-from lorabook.quant.nf4 import codebook, dequantize_4bit, quantize_4bit
+from lorabook.quant import codebooks, cpu_kernel as nf4_kernel, nf4
+from lorabook.quant.codebooks import codebook
+from lorabook.quant.nf4 import dequantize_4bit, quantize_4bit
 
 needs_kernel = pytest.mark.skipif(not nf4_kernel.available(), reason=f"no compiled kernel: {nf4_kernel.reason()}")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -46,7 +47,7 @@ def test_kernel_equals_the_pytorch_paths(blocksize, dtype, simd):
 @needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 3000), blocksize=st.sampled_from(nf4.BLOCKSIZES[:4]), dtype=st.sampled_from(DTYPES),
-       name=st.sampled_from(nf4.CODEBOOKS), double_quant=st.booleans(), simd=st.booleans(),
+       name=st.sampled_from(codebooks.CODEBOOKS), double_quant=st.booleans(), simd=st.booleans(),
        seed=st.integers(0, 2 ** 16))
 def test_kernel_property(n, blocksize, dtype, name, double_quant, simd, seed):
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed))

@@ -162,3 +162,76 @@ def test_smollm2_qlora_step_lowers_the_loss(smollm2):
     ids = tokenizer("The capital of France is Paris. The capital of Italy is Rome.", return_tensors="pt").input_ids
     losses = train(model, optimizer, ids, 3)
     assert losses[-1] < losses[0]
+
+
+# ---- lorabook.experiments.qlora_eval: notebook 07's adapter scored on other bases (data/qlora_transfer.json)
+
+from lorabook.experiments import qlora_eval  # noqa: E402
+
+
+def test_base_variant_nf4_is_the_base_add_qlora_trains_on(tmp_path):
+    base = tiny_llama(0)
+    before = snapshot(base)
+    torch.manual_seed(0)
+    trained = add_qlora(copy.deepcopy(base), r=4, dropout=0.0, gradient_checkpointing=False)
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # B too: the adapter changes the output
+    save_adapter(trained, tmp_path)
+    ids = ids_for(base)
+    loaded = load_adapter(qlora_eval.base_variant(base, "nf4"), tmp_path)
+    assert torch.equal(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)  # same codes, same bf16 compute
+    assert_same(snapshot(base), before)  # the fp32 base is copied, never changed
+
+
+def test_base_variants_differ_only_where_they_say():
+    base = tiny_llama(0)
+    nf4, nf4_fp32, fp32 = (qlora_eval.base_variant(base, k) for k in ("nf4", "nf4-fp32", "fp32"))
+    layers = [[m for m in model.modules() if isinstance(m, LinearNF4)] for model in (nf4, nf4_fp32, fp32)]
+    assert len(layers[0]) == len(layers[1]) == 2 * 7 and layers[2] == []  # the head stays nn.Linear
+    assert {m.compute_dtype for m in layers[0]} == {torch.bfloat16}
+    assert {m.compute_dtype for m in layers[1]} == {torch.float32}
+    for a, b in zip(*layers[:2]):
+        assert torch.equal(a.quantized.packed, b.quantized.packed)  # the same 4-bit codes
+        assert torch.equal(a.dequantize().float(), b.dequantize().to(torch.bfloat16).float())  # bf16 rounds them
+    ids = ids_for(base)
+    assert torch.equal(fp32(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert fp32 is not base
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: qlora_eval.base_variant(m, "int4"), "kind"),
+    (lambda m: qlora_eval.train_adapter(m, None, [], "bf16"), "on"),
+    (lambda m: qlora_eval.train_adapter(m, None, [], "nf4", steps=0), "steps"),
+    (lambda m: qlora_eval.train_adapter(m, None, [], "nf4", seed=-1), "seed"),
+    (lambda m: qlora_eval.transfer(n=0, model_name="tiny"), "n"),
+    (lambda m: qlora_eval.transfer(threads=0, model_name="tiny"), "threads"),
+    (lambda m: qlora_eval.transfer(bases=("fp16",), model_name="tiny"), "bases"),
+])
+def test_transfer_bad_input_is_refused_first(call, match):
+    model = tiny_llama(0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        call(model)
+    assert_same(snapshot(model), before)
+
+
+def test_transfer_scores_every_adapter_on_every_base(capsys):
+    result = qlora_eval.transfer(n=2, steps=1, model_name="tiny", bases=("nf4", "fp32"))
+    assert list(result["adapters"]) == ["nf4", "fp32"] and result["eval_n"] == 2 and len(result["gold"]) == 2
+    for on, adapter in result["adapters"].items():
+        assert list(adapter["eval"]) == ["nf4", "fp32"] and len(adapter["loss_curve"]) == 1
+        for kind, e in adapter["eval"].items():
+            assert len(e["predictions"]) == 2 and e["accuracy"] == e["correct"] / 2
+            assert e["correct_first10"] == e["correct"]  # n < 10: the first ten are all of them
+            assert 0 <= e["same_as_own_base"] <= 2
+        assert adapter["eval"][on]["same_as_own_base"] == 2
+    assert result["recipe"]["steps"] == 1 and result["command"].startswith("python -m lorabook.experiments transfer")
+
+
+def test_transfer_cli_dry_run_leaves_the_other_tables(capsys):
+    import argparse
+    args = argparse.Namespace(tables=["transfer", "qlora"], dry_run=True)
+    assert qlora_eval.cli(args) is False and args.tables == ["qlora"]
+    assert qlora_eval.cli(argparse.Namespace(tables=["transfer"], dry_run=True)) is True
+    assert "qlora_transfer.json" in capsys.readouterr().out

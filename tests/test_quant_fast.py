@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lorabook.quant import cpu_kernel, fast, nf4
+from lorabook.quant import codebooks, cpu_kernel, fast, nf4
 from lorabook.quant.nf4 import QuantizedTensor, dequantize_4bit, nearest_code, quantize_4bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +36,7 @@ def as_float32(patterns) -> torch.Tensor:
 # ---- dequantize: reference == torch == c --------------------------------------------------------------------
 
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(1, 5000), blocksize=st.sampled_from(nf4.BLOCKSIZES), name=st.sampled_from(nf4.CODEBOOKS),
+@given(n=st.integers(1, 5000), blocksize=st.sampled_from(nf4.BLOCKSIZES), name=st.sampled_from(codebooks.CODEBOOKS),
        source=st.sampled_from(DTYPES), target=st.sampled_from([None] + DTYPES), double_quant=st.booleans(),
        scale=st.sampled_from([1e-40, 1e-20, 1e-3, 1.0, 3e4, 1e30]), seed=st.integers(0, 2 ** 16))
 def test_dequantize_backends_are_bit_identical(n, blocksize, name, source, target, double_quant, scale, seed):
@@ -54,7 +54,7 @@ finite_fp32 = st.floats(width=32, allow_nan=False, allow_infinity=False)  # subn
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), n=st.integers(1, 700), blocksize=st.sampled_from(nf4.BLOCKSIZES[:3]),
-       name=st.sampled_from(nf4.CODEBOOKS), dtype=st.sampled_from(DTYPES))
+       name=st.sampled_from(codebooks.CODEBOOKS), dtype=st.sampled_from(DTYPES))
 def test_dequantize_backends_agree_on_any_bytes_and_block_constants(data, n, blocksize, name, dtype):
     """Not only what quantize_4bit makes: any packed bytes (an odd count's unused low nibble too) and any finite
     absmax -- negative, ±0, subnormal, the largest floats."""
@@ -78,7 +78,7 @@ def test_dequantize_backends_agree_across_many_chunks(dtype, blocksize):
 
 def test_dequantize_reference_is_the_formula():
     """level[code] · absmax of the value's block, rounded once: checked by hand on 5 values in blocks of 32."""
-    levels = nf4.codebook("nf4")
+    levels = codebooks.codebook("nf4")
     codes = [15, 0, 7, 3, 9]  # +1, -1, 0, level 3, level 9
     q = QuantizedTensor(packed=nf4.pack_4bit(torch.tensor(codes)), absmax=torch.tensor([2.5]), shape=(5,),
                         dtype=torch.bfloat16, blocksize=32)
@@ -102,18 +102,18 @@ bit_patterns = st.integers(-2 ** 31, 2 ** 31 - 1)  # every float32, NaNs include
 @settings(max_examples=150, deadline=None)
 @given(patterns=st.lists(bit_patterns, max_size=300), floats=st.lists(st.floats(width=32, allow_nan=False),
                                                                        max_size=100),
-       name=st.sampled_from(nf4.CODEBOOKS))
+       name=st.sampled_from(codebooks.CODEBOOKS))
 def test_nearest_code_backends_agree_on_arbitrary_fp32(patterns, floats, name):
     """Random bit patterns (all exponents: subnormals, ±inf, huge and tiny values) and hypothesis' own floats."""
     x = torch.cat([as_float32(patterns), torch.tensor(floats, dtype=torch.float32)])
     assert_nearest_agree(x[~torch.isnan(x)], name)  # NaN has no nearest level; quantize_4bit refuses it
 
 
-@pytest.mark.parametrize("name", nf4.CODEBOOKS)
+@pytest.mark.parametrize("name", codebooks.CODEBOOKS)
 def test_nearest_code_backends_agree_on_the_edge_cases(name):
     """±0, the smallest and largest subnormals and normals, ±inf, every midpoint exactly (a tie: the lower level)
     and its two neighbouring floats, every level exactly, ±1 and just past it."""
-    levels = nf4.codebook(name)
+    levels = codebooks.codebook(name)
     ordered = levels.sort().values
     mids = (ordered[:-1] + ordered[1:]) / 2
     special = as_float32([0, 1, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x3F800000, 0x3F800001])
@@ -124,7 +124,7 @@ def test_nearest_code_backends_agree_on_the_edge_cases(name):
     assert torch.equal(levels[ties.long()], ordered[:-1])  # a value on a midpoint takes the lower level
 
 
-@pytest.mark.parametrize("name", nf4.CODEBOOKS)
+@pytest.mark.parametrize("name", codebooks.CODEBOOKS)
 def test_nearest_code_backends_agree_across_chunks_and_shapes(name):
     """fast.nearest_code works NEAREST_CHUNK values at a time: several chunks and a partial one; any shape."""
     n = 2 * fast.NEAREST_CHUNK + 3
@@ -137,7 +137,7 @@ def test_nearest_code_backends_agree_across_chunks_and_shapes(name):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 3000), blocksize=st.sampled_from(nf4.BLOCKSIZES[:4]), name=st.sampled_from(nf4.CODEBOOKS),
+@given(n=st.integers(1, 3000), blocksize=st.sampled_from(nf4.BLOCKSIZES[:4]), name=st.sampled_from(codebooks.CODEBOOKS),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2 ** 16))
 def test_quantize_backends_agree(n, blocksize, name, dtype, seed):
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)

@@ -354,6 +354,29 @@ def test_lint_finds_broken_nbgrader_conventions():
     assert "cell 5: hidden tests belong in a grade cell" in problems
 
 
+def test_the_time_line_comes_from_the_recorded_run_and_the_words(monkeypatch):
+    nb = exercise_nb()
+    nb.cells[0].source = "# Sums\n\n**What you will learn** (≈ 25 minutes, a guess)\n\nAdd " + "many " * 396 + "floats."
+    assert nt.lint_time_line(exercise_nb()) == []  # no time line: nothing to check
+    assert nt.time_line(nb) is None and "the time line is stale" in nt.lint_time_line(nb)[0]
+    monkeypatch.setattr(nt.os, "cpu_count", lambda: 2)
+    nt.set_time_line(nb, 61.4)
+    assert nt.reading_words(nb) == 406 and nb.metadata["lorabook"]["run"] == {"seconds": 61.4, "cpu_cores": 2}
+    assert "**What you will learn** (≈ 3 min to read and run: 406 words at 200 a minute and ≈ 60 s of compute " \
+           "on a 2-core CPU, measured by `make notebooks`; plus 1 exercise)\n\nAdd many" in nb.cells[0].source
+    assert nt.lint_time_line(nb) == []
+    nb.cells[0].source += " More words."
+    assert "the time line is stale" in nt.lint_time_line(nb)[0]
+
+
+def test_lint_finds_a_marker_inside_other_text():
+    """nbgrader reads any line holding '### BEGIN SOLUTION' as a marker, also inside prose or a string."""
+    nb = exercise_nb()
+    nb.cells.append(new_markdown_cell("Write it between `### BEGIN SOLUTION` and the end marker."))
+    problems = st.lint_exercises(nb)
+    assert len(problems) == 1 and "line 1 names a '### BEGIN/END' marker inside other text" in problems[0]
+
+
 def test_lint_finds_leaks_and_bad_execution_counts():
     nb = executed(exercise_nb())
     nb.cells[3].outputs = [new_output("stream", name="stdout", text="saved to /home/ana/data.json\n")]

@@ -38,7 +38,8 @@ import torch
 from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, threads
 from ..quant import cpu_kernel
-from ..quant.nf4 import codebook, dequantize_nf4, quantize_nf4
+from ..quant.codebooks import codebook
+from ..quant.nf4 import dequantize_nf4, quantize_nf4
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

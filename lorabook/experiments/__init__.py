@@ -10,12 +10,14 @@ and QLoRA's claim (Dettmers et al. 2023) that a 4-bit NF4 base loses nothing aga
     qlora    the same LoRA adapters (W_q, W_v and all linear, r = 8) on the fp32 base and on an NF4 + double-
              quantized base (bf16 compute, paged AdamW)
 and Table 1 (the latency of one GPT-2 medium forward: base, LoRA merged/unmerged, Adapter^L, Adapter^H) comes
-from ``lorabook.latency.latency_table`` with many rounds (``table1``, written to data/lora_table1.json).
+from ``lorabook.latency.latency_table`` with many paired rounds (``table1``, written to data/lora_table1.json);
+the paper's §7 (is the update low-rank?) from ``lorabook.experiments.subspace`` (data/lora_subspace.json).
 Here every cell is one run of ``python -m lorabook.train`` (the lesson-03 command line: 30 AdamW steps of 8
 examples, exact match on the first 100 test examples), so a cell costs ~4 minutes of one CPU thread:
 
     python -m lorabook.experiments table2 table5 table6 qlora [--shard 0/2] [--out data/lora_tables.json]
-    python -m lorabook.experiments table1 [--rounds 20]      # ~5 minutes; run it on a quiet machine
+    python -m lorabook.experiments table1 [--rounds 30]      # ~12 minutes on a quiet machine
+    python -m lorabook.experiments subspace                  # ~10 minutes: lorabook.experiments.subspace
 
 Runs already in ``--out`` with the same command are skipped, so an interrupted sweep resumes; ``--shard k/n``
 runs every n-th pending run, so n processes (one thread each) share the grid and the file (writes are locked).
@@ -156,16 +158,19 @@ def table_rows(name: str, runs: dict) -> list[dict]:
     return rows
 
 
-def latency(rounds: int = 20, threads: int = 1) -> dict:
+def latency(rounds: int = 30, threads: int = 1) -> dict:
     """Table 1 on this machine: ``lorabook.latency.latency_table`` (CPU: CPU_SHAPES; CUDA: the paper's shapes) with
-    ``rounds`` interleaved rounds, on ``threads`` CPU threads (one thread is steadier on a shared machine)."""
+    ``rounds`` bracketed rounds (each method between two base calls), on ``threads`` CPU threads; with one, the
+    clock is the thread's CPU time (``lorabook.latency.pick_clock``), which a busy machine disturbs least."""
     import torch
 
     import lorabook
     from ..latency import latency_table
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
+    t0, cpu0, load_before = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     rows = latency_table(rounds=rounds)
     return dict(command=f"python -m lorabook.experiments table1 --rounds {rounds}", device=str(lorabook.device()),
-                threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds,
-                wall_time_s=time.perf_counter() - t0, load_avg_1m=os.getloadavg()[0], rows=rows)
+                threads=torch.get_num_threads(), torch=torch.__version__, rounds=rounds, clock=rows[0]["clock"],
+                wall_time_s=time.perf_counter() - t0, cpu_time_s=time.process_time() - cpu0,
+                load_avg_1m=[load_before, os.getloadavg()[0]],
+                cpu_count=os.cpu_count(), rows=rows)

@@ -1,5 +1,5 @@
-"""``python -m lorabook.experiments table1 | table2 table5 table6 qlora [--shard k/n] [--dry-run]``: the sweeps
-behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``)."""
+"""``python -m lorabook.experiments table1 | subspace | table2 table5 table6 qlora [--shard k/n] [--dry-run]``: the
+sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments`` and its ``subspace``)."""
 from __future__ import annotations
 
 import argparse
@@ -14,18 +14,29 @@ from . import __doc__ as experiments_doc
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m lorabook.experiments", description=experiments_doc.split("\n")[0])
-    p.add_argument("tables", nargs="+", help=f"table1 and/or any of {sorted(tables())}")
+    p.add_argument("tables", nargs="+", help=f"table1, subspace and/or any of {sorted(tables())}")
     p.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default: {OUT})")
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th pending run starting at k (default 0/1)")
     p.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
-    p.add_argument("--rounds", type=int, default=20, help="table1: interleaved timing rounds (default 20)")
+    p.add_argument("--rounds", type=int, default=30, help="table1: bracketed timing rounds (default 30)")
     args = p.parse_args(argv)
+    from .qlora_eval import cli as transfer  # notebook 07's adapter on three bases -> data/qlora_transfer.json
+    if "transfer" in args.tables and transfer(args):
+        return
     if "table1" in args.tables:
         args.tables.remove("table1")
         if not args.dry_run:
             result = latency(args.rounds)
             write_json(LATENCY_OUT, result)
             print(format_table(result["rows"]))
+        if not args.tables:
+            return
+    if "subspace" in args.tables:
+        args.tables.remove("subspace")
+        if not args.dry_run:
+            from .subspace import SUBSPACE_OUT, subspace
+            write_json(SUBSPACE_OUT, subspace())
+            print(f"wrote {SUBSPACE_OUT.name}")
         if not args.tables:
             return
     k, n = (int(x) for x in args.shard.split("/"))

@@ -7,8 +7,8 @@ A frozen pretrained weight W0 (out, in) is adapted by a trainable low-rank updat
 A starts Kaiming-uniform and B at zero, so ΔW = B A = 0 and training starts exactly at the base model.
 Only A and B train: r·(in + out) parameters per adapted layer instead of in·out. With rsLoRA (Kalajdzievski,
 2023) the scale is α / √r so that the update's size does not shrink as r grows. LoRA dropout (the paper's
-``lora_dropout``, as in loralib and peft) drops entries of the input of the low-rank branch only, during
-training: the base path always sees the whole x.
+``lora_dropout``, as in loralib and peft's LoraLayer: ``B(A(dropout(x))) * scale``) drops entries of the input
+of the low-rank branch only, in train() mode (off in eval()): the base path always sees the whole x.
 
 Layout as nn.Linear: ``lora_A[name]`` (r, in), ``lora_B[name]`` (out, r), ``ΔW = B @ A``. Adapters are kept
 by name so one base can hold several; one of them is active.
@@ -21,7 +21,8 @@ features, whether ΔW can be merged into it, the dtype and device the adapters g
 
 Merging (sec. 4.1, "no additional inference latency") writes W = W0 + ΔW into the base weight, so the forward
 is a plain linear again; unmerging subtracts the same ΔW. In fp32 that restores W0 to within one rounding
-step of W0 + ΔW (≈ 1e-7 · max|W0 + ΔW|).
+step of W0 + ΔW (≈ 1e-7 · max|W0 + ΔW|). A merged layer has no LoRA branch left to drop inputs of, so merged and
+unmerged forwards agree in eval() mode only (with dropout > 0 they differ in train() mode).
 
 The forward a student reads is ``lora_forward`` -- the formula above in one line. ``LoRALinear`` runs
 ``lora_forward_fused`` beside it (backend "auto"/"fast"): the same sum with ``h Bᵀ`` added into the base output
@@ -247,7 +248,8 @@ class LoRALinear(nn.Module):
                 W.addmm_(B, A, alpha=s)  # (out, in) += s · (out, r) @ (r, in)
 
     def merge(self, name: str | None = None) -> None:
-        """W ← W + ΔW (in place); from now on the forward is the base layer alone."""
+        """W ← W + ΔW (in place); from now on the forward is the base layer alone (no LoRA dropout: equal to the
+        unmerged forward in eval() mode)."""
         name = self._name(name)
         self.check_mergeable()
         if self.merged is not None:

@@ -5,7 +5,8 @@ fewer trainable parameters); Dettmers et al., "QLoRA" (2023, arXiv:2305.14314) s
 quantization, 4 + 8/64 + 32/(64*256) = 4.127 bits per weight; the LLaMA-7B footprint); Rajbhandari et al.,
 "ZeRO" (2020, arXiv:1910.02054) sec. 3.1 (mixed-precision Adam: 2 + 2 + 12 bytes per parameter); Dettmers et
 al., "8-bit Optimizers" (2022, arXiv:2110.02861) (1-byte states, an fp32 absmax per block of 256); Korthikanti
-et al. (2022, arXiv:2205.05198) sec. 4 (activations per layer as a sum of saved tensors).
+et al. (2022, arXiv:2205.05198) sec. 4 (activations per layer as a sum of saved tensors); Chen et al., "Symbolic
+Discovery of Optimization Algorithms" (2023, arXiv:2302.06675) Algorithm 2 (Lion: one momentum per parameter).
 
 The seed's picture, fp32 + Adam, per parameter: weights 4 B + gradients 4 B + Adam m and v 8 B, plus the forward
 activations, which grow with batch B and sequence T, not with the parameter count P:
@@ -27,7 +28,9 @@ gradient element:
     backward, embedding    W + O + G + 2 V d g         tied head: its gradient waits in the engine's buffer for
                                                        the embedding's, and the two are summed into a third
     optimizer step         W + O + G + scratch         torch AdamW on CPU: sqrt(v), then sqrt(v)/c, for the largest
-                                                       trainable tensor (2x it); foreach on CUDA: 1x all of them
+                                                       trainable tensor (2x it); foreach on CUDA: 1x all of them;
+                                                       bitsandbytes' Lion on CPU: g * scale, the interpolation and
+                                                       its sign for the largest tensor (3x it); in place on CUDA
 
 Full fine-tuning of SmolLM2 peaks at the end of the backward (tied embeddings) / the optimizer step; LoRA at the
 start of the backward, where the B T V terms of a 49152-word vocabulary weigh as much as all layers.
@@ -60,9 +63,9 @@ from .spec import as_spec, lora_modules
 
 ESTIMATE_METHODS = ("full", "lora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "mixed")
-ESTIMATE_OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw")
+ESTIMATE_OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw", "lion")
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # bytes of a weight / activation element
-_STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2}
+_STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2, "lion": 1}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 code + FP8 absmax per 64 + fp32 per 256 absmaxes = 4.127 bits
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 
@@ -127,6 +130,8 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str
     torch keeps the states in the parameter dtype (fp32 under "mixed", where they update the master copy) and,
     for Adam(W) and RMSprop, one fp32 ``step`` counter per tensor. bitsandbytes' 8-bit AdamW keeps both states
     in 1 byte, in blocks of 256 with an fp32 absmax each, for tensors of >= 4096 elements (32-bit below that).
+    Lion (Chen et al. 2023, arXiv:2302.06675, Algorithm 2) keeps one state, the momentum m: bitsandbytes'
+    ``Lion`` (32-bit) holds it in fp32 whatever the parameter dtype, and counts steps in a Python int (no tensor).
     """
     if optimizer not in ESTIMATE_OPTIMIZERS:
         raise bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
@@ -134,7 +139,7 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str
         raise bad_choice("dtype", dtype, DTYPES)
     if optimizer == "adamw8bit":
         return sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in sizes)
-    state = 4 if dtype == "mixed" or optimizer == "paged_adamw" else _BYTES[dtype]
+    state = 4 if dtype == "mixed" or optimizer in ("paged_adamw", "lion") else _BYTES[dtype]
     counters = 4 * len(sizes) if optimizer in ("adam", "adamw", "rmsprop") else 0
     return _STATES[optimizer] * state * sum(sizes) + counters
 
@@ -198,7 +203,7 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     weights = sum(parts.values())
     g = w  # gradients in the parameter dtype (16-bit under "mixed", as in ZeRO)
     gradients = P_train * g
-    s = 4 if dtype == "mixed" or optimizer == "paged_adamw" else w  # bytes of one state element
+    s = 4 if dtype == "mixed" or optimizer in ("paged_adamw", "lion") else w  # bytes of one state element
     opt = optimizer_state_bytes(trainable, optimizer, dtype)
     parts["optimizer: states"] = opt
     if dtype == "mixed":
@@ -277,9 +282,13 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
         moments["backward: embedding"] = W + O + gradients + extra + inputs
     big = max(trainable, default=0)
     # torch's step: per tensor on CPU, sqrt(v) and sqrt(v)/c for the largest tensor (RMSprop: sqrt only);
-    # foreach on CUDA: one sqrt for every trainable tensor at once. bitsandbytes' kernels work in place.
-    per_tensor = {"rmsprop": 1, "adam": 2, "adamw": 2}.get(optimizer, 0)
-    scratch = per_tensor * s * big if device == "cpu" else min(per_tensor, 1) * s * P_train
+    # foreach on CUDA: one sqrt for every trainable tensor at once. bitsandbytes' CUDA kernels work in place;
+    # its CPU Lion makes g * gnorm_scale, the interpolation beta1 m + (1 - beta1) g and its sign (fp32 each).
+    per_tensor = {"rmsprop": 1, "adam": 2, "adamw": 2, "lion": 3}.get(optimizer, 0)
+    if optimizer == "lion":
+        scratch = per_tensor * 4 * big if device == "cpu" else 0
+    else:
+        scratch = per_tensor * s * big if device == "cpu" else min(per_tensor, 1) * s * P_train
     parts["optimizer: step scratch (transient)"] = scratch
     moments["optimizer step"] = W + O + gradients + scratch + inputs
     peak_moment = max(moments, key=moments.get)

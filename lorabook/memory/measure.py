@@ -3,6 +3,8 @@ autograd saves per module (``saved_by_module``) -- the measured side of ``lorabo
 
     measure(model, method, optimizer, batch_size, seq_len, ...) -> Measurement(weights, gradients, optimizer,
                                                                              activations, total, ...)
+    Measurement.slots        the seed's four slots, each measured at its own moment of the step
+    peak_over_slots(m)       measured peak minus the sum of those slots, split into what makes the difference
 
 MemTracker categories map to ours as Parameter + Buffer -> weights, Gradient -> gradients, Optstate ->
 optimizer, Activation + Temp + Other (the input ids) -> activations. On CUDA the allocator's own peak is kept too.
@@ -21,7 +23,7 @@ from ..models import enable_checkpointing
 from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, human
 from .spec import as_spec, lora_modules
 
-__all__ = ["Measurement", "measure", "saved_by_module"]
+__all__ = ["Measurement", "measure", "saved_by_module", "peak_over_slots"]
 
 
 @dataclass
@@ -37,6 +39,16 @@ class Measurement:
     seconds: float = 0.0
     allocator_peak: int | None = None  # torch.cuda.max_memory_allocated during the tracked steps (CUDA only)
     config: dict = field(default_factory=dict)
+    after_forward: dict[str, int] = field(default_factory=dict)  # MemTracker's categories once the loss exists
+    after_backward: dict[str, int] = field(default_factory=dict)  # ... once loss.backward() returned
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """The seed's four slots, measured: weights and optimizer states after the forward, all gradients after
+        the backward, and the forward's saved activations (live after the forward, before the backward)."""
+        f, b = self.after_forward, self.after_backward
+        return {"weights": f.get("Parameter", 0) + f.get("Buffer", 0), "gradients": b.get("Gradient", 0),
+                "optimizer": f.get("Optstate", 0), "forward": self.saved_activations}
 
     def categories(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in CATEGORIES}
@@ -69,9 +81,21 @@ def _training_copy(model) -> nn.Module:
     return copied
 
 
+def _lion(params, lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' 32-bit Lion (Chen et al. 2023, arXiv:2302.06675): one fp32 momentum per parameter."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns at import about an optional CPU kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from bitsandbytes.optim import Lion
+    return Lion(params, lr=lr, optim_bits=32)
+
+
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     makers = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
-              "adamw": torch.optim.AdamW}
+              "adamw": torch.optim.AdamW, "lion": _lion}
     if name not in makers:
         raise bad_choice("optimizer", name, makers)
     return makers[name](params, lr=lr)
@@ -121,12 +145,15 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, m.config.vocab_size, (B, T), generator=gen).to(dev)  # (batch, seq)
     after_forward: dict[str, int] = {}
+    after_backward: dict[str, int] = {}
 
     def step(tracker=None) -> None:
         loss = m(input_ids=ids, labels=ids).loss
         if tracker is not None:
             after_forward.update(_mt_snapshot(tracker, dev, "current"))
         loss.backward()
+        if tracker is not None:
+            after_backward.update(_mt_snapshot(tracker, dev, "current"))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -160,7 +187,38 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
                        saved_activations=act(after_forward), snapshot=peak, seconds=seconds, allocator_peak=alloc,
                        config=dict(method=method, optimizer=optimizer, batch_size=B, seq_len=T,
                                    gradient_checkpointing=gradient_checkpointing,
-                                   lora_rank=lora_rank if method != "full" else None))
+                                   lora_rank=lora_rank if method != "full" else None),
+                       after_forward=dict(after_forward), after_backward=dict(after_backward))
+
+
+def peak_over_slots(m: Measurement) -> dict[str, int]:
+    """Measured peak minus the seed's sum of four slots (``m.slots``), split by MemTracker's categories at the
+    peak; the values add up to ``m.total - sum(m.slots.values())`` exactly.
+
+    - "gradients not yet made": the gradients that do not exist yet at the peak moment (<= 0);
+    - "activations freed (-) or recomputed (+)": the forward's tensors the backward has released, plus what
+      gradient checkpointing recomputes (MemTracker files a recomputed forward as activations);
+    - "backward temporaries": MemTracker's Temp at the peak minus after the forward -- tensors the backward
+      creates that are not parameter gradients: gradients of activations (d logits, d log-probs: 4 B T V each
+      in fp32), the engine's buffer where a tied weight's two gradients wait to be summed;
+    - "optimizer step scratch": Optstate at the peak beyond the states (sqrt(v) and friends; MemTracker files
+      the step's temporaries there).
+    MemTracker counts tensor storage bytes; the CUDA caching allocator's rounding and kernel workspaces are not
+    in it (``m.allocator_peak`` has them on CUDA; see torch.cuda.memory_stats)."""
+    if not isinstance(m, Measurement):
+        raise TypeError(f"m must be a Measurement (from lorabook.memory.measure), got {type(m).__name__}")
+    if not m.after_forward or not m.after_backward:
+        raise ValueError("m has no after_forward / after_backward snapshots: measure it with lorabook.memory.measure")
+    s, p, f = m.slots, m.snapshot, m.after_forward
+    act = lambda x: x.get("Activation", 0) + x.get("Other", 0)
+    out = {"gradients not yet made": p.get("Gradient", 0) - s["gradients"],
+           "activations freed (-) or recomputed (+)": act(p) - act(f),
+           "backward temporaries": p.get("Temp", 0) - f.get("Temp", 0),
+           "optimizer step scratch": p.get("Optstate", 0) - s["optimizer"]}
+    weights = p.get("Parameter", 0) + p.get("Buffer", 0) - s["weights"]
+    if weights:
+        out["weights"] = weights
+    return out
 
 
 

@@ -12,7 +12,10 @@ Subtracting the mean centres the (all positive) absmax values so the signed 8-bi
 Cost: 8 / 64 + 32 / (64 · 256) ≈ 0.127 bits per parameter instead of 0.5 -- the seed's "0.373 bits per parameter,
 about 3 GB for a 65B model".
 
-The 8-bit code is bitsandbytes' *dynamic* data type (Dettmers, 2015, https://arxiv.org/abs/1511.04561): a sign,
+The paper calls the second quantization's type "8-bit Floats"; in bitsandbytes -- whose
+``quantize_4bit(..., compress_statistics=True)`` calls ``quantize_blockwise(absmax - offset, blocksize=256)`` with its
+default code, ``bitsandbytes.functional.create_dynamic_map()`` -- and so here, it is the *dynamic* data type
+(Dettmers, 2015, https://arxiv.org/abs/1511.04561), not an IEEE-style FP8 (E4M3 / E5M2): a sign,
 a decade 10^-6 … 10^0 and a linear fraction inside the decade, so small values keep relative precision. We derive
 it and quantize the way bitsandbytes' CPU kernel does, bit for bit: each value, scaled by 1 / absmax of its block
 and clamped to [-1, 1], is rounded to one of 65536 evenly spaced points of [-1, 1], and a table gives the code

@@ -23,7 +23,8 @@ from .._checks import check_flag, check_module
 from .double_quant import DoubleQuantState
 from ..lora.layer import BaseLayer
 from ..lora.model import output_head_name
-from .nf4 import FLOAT_DTYPES, QuantizedTensor, check_blocksize, check_codebook, dequantize_4bit, quantize_4bit
+from .codebooks import check_codebook
+from .nf4 import FLOAT_DTYPES, QuantizedTensor, check_blocksize, dequantize_4bit, quantize_4bit
 
 _FP32_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_absmax_offset")
 

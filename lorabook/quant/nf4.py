@@ -12,10 +12,14 @@ Blockwise 4-bit quantization does this per block of ``blocksize`` consecutive we
     codes = nearest(w / absmax) (numel,) in 0..15   ->   packed (ceil(numel / 2),) uint8, first code in the high nibble
     dequantize: w ≈ code[codes] · absmax
 
-NF4 chooses the 16 levels for weights that are normally distributed: level i sits at a quantile of N(0, 1), so each
-level is hit equally often; the levels are normalised to [-1, 1] and zero is a level of its own. With an exact zero
-and 16 codes the type is asymmetric: 8 positive levels, 7 negative ones. ``nf4_codebook`` derives them and equals
-bitsandbytes' table to the last bit. FP4 (bitsandbytes' 4-bit float) and plain symmetric INT4 are here to compare.
+NF4 chooses the 16 levels for weights that are normally distributed: the levels sit at quantiles of N(0, 1), so that
+on N(0, 1) data before absmax scaling each level would be hit about equally often (``code_occupancy`` and
+``entropy_bits`` measure how often it really is); they are normalised to [-1, 1] and zero is a level of its own.
+With an exact zero and 16 codes the type is asymmetric: 8 positive levels, 7 negative ones. ``nf4_codebook``
+derives them as bitsandbytes' ``create_normal_map`` does and equals its table to the last bit; ``qlora_eq4_levels``
+is the paper's eq. 4 read literally, to compare; ``nf_codebook`` the same construction for k bits.
+FP4 (bitsandbytes' 4-bit float) and plain symmetric INT4 are here to compare. ``round_to_levels`` applies the
+blockwise recipe to any level set (e.g. NF4 with another offset).
 
 Bit-exactness with bitsandbytes (CPU, fp32/fp16/bf16 input): the scaling is ``w · (1 / absmax)`` in fp32 (with
 absmax clamped to 1e-38), except in a last, partial block, which is divided by its absmax -- and whose stored absmax
@@ -31,71 +35,18 @@ the formulas above in a few lines each; ``lorabook.quant.fast`` (lookup tables, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from .._checks import check_choice, check_int
 from . import cpu_kernel, fast
+from .codebooks import (check_codebook, codebook, codebook_table)
 from .double_quant import DoubleQuantState, double_dequantize, double_quantize, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-CODEBOOKS = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NF4_OFFSET = 0.9677083  # the outermost quantile used for ±1 (bitsandbytes' choice)
 NEAREST_BACKENDS = ("auto", "reference", "fast")  # nearest_code / quantize_4bit
 DEQUANTIZE_BACKENDS = ("auto", "reference", "torch", "c")  # dequantize_4bit
-
-
-# ---- the codebooks: 16 values in code order, normalised to [-1, 1] ------------------------------------------
-
-def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
-    """NF4's 16 levels (sorted, code i -> value i): quantiles of N(0, 1), normalised to [-1, 1].
-
-    8 positive levels at the quantiles of 8 equal steps from ``offset`` down to 1/2 (excluded), 7 negative levels
-    at 7 such steps, and 0. Probabilities in fp32, the inverse normal CDF in fp64, rounded to fp32 and divided by
-    the largest level, as ``bitsandbytes.functional.create_normal_map`` does."""
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double()).float()  # (8,)
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double()).float()  # (7,)
-    levels = torch.cat([negative, torch.zeros(1), positive]).sort().values  # (16,)
-    return levels / levels.max()
-
-
-def fp4_codebook() -> torch.Tensor:
-    """bitsandbytes' FP4 in code order: bit 3 the sign, bits 2-1 an exponent field e, bit 0 a mantissa bit m.
-
-    e = 0 is subnormal, m · 2^-4; otherwise (1 + m/2) · 2^(4 - e) -- in bitsandbytes' layout the exponent field
-    counts *down*. The largest value, 12, is scaled to 1. Code 8 (sign bit, zero) is +0.0 as in bitsandbytes'
-    table (its C kernel decodes it as -0.0, which compares equal)."""
-    values = []
-    for code in range(16):
-        sign, e, m = (-1.0 if code & 8 else 1.0), (code >> 1) & 3, code & 1
-        magnitude = m * 2.0 ** -4 if e == 0 else (1 + m / 2) * 2.0 ** (4 - e)
-        values.append(sign * magnitude if magnitude else 0.0)
-    return torch.tensor(values, dtype=torch.float32) / 12.0
-
-
-def int4_codebook() -> torch.Tensor:
-    """Symmetric absmax INT4, the seed's int8 formula with 7 for 127: levels k / 7 for code k + 8, k = -8 … 7.
-
-    After absmax scaling to [-1, 1] the nearest level is round(7 x): -8/7 is never used, like -128 in int8."""
-    return torch.arange(-8, 8, dtype=torch.float32) / 7.0
-
-
-@lru_cache(maxsize=None)
-def _codebook(name: str) -> torch.Tensor:
-    return {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}[name]()
-
-
-def codebook(name: str = "nf4") -> torch.Tensor:
-    """The 16 levels of ``name`` ("nf4", "fp4" or "int4") in code order, fp32 (a copy)."""
-    return _codebook(check_codebook(name)).clone()
-
-
-def check_codebook(name) -> str:
-    if name not in CODEBOOKS:
-        raise ValueError(f"codebook must be one of {CODEBOOKS}, got {name!r}")
-    return name
 
 
 def check_blocksize(blocksize) -> int:
@@ -134,7 +85,7 @@ def nearest_code_reference(scaled: torch.Tensor, name: str = "nf4") -> torch.Ten
     (n,) fp32 -> (n,) uint8. Sort the levels, find each value's place among the 15 midpoints between neighbours
     (a value on a midpoint goes to the lower level, as in bitsandbytes), and map the place back to its code."""
     _check_scaled(scaled)
-    levels = _codebook(check_codebook(name))  # (16,) in code order
+    levels = codebook_table(check_codebook(name))  # (16,) in code order
     order = torch.argsort(levels)  # sorted position -> code (FP4's code order is not sorted)
     ordered = levels[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2  # (15,)
@@ -149,7 +100,7 @@ def nearest_code(scaled: torch.Tensor, name: str = "nf4", backend: str = "auto")
     if check_choice("backend", backend, NEAREST_BACKENDS) == "reference":
         return nearest_code_reference(scaled, name)
     _check_scaled(scaled)
-    return fast.nearest_code(scaled, _codebook(check_codebook(name)))
+    return fast.nearest_code(scaled, codebook_table(check_codebook(name)))
 
 
 def _check_scaled(scaled) -> None:
@@ -170,6 +121,64 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
 def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of ``pack_4bit``: (ceil(n / 2),) uint8 -> (n,) uint8 codes."""
     return torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], dim=-1).view(-1)[:n]
+
+
+def round_to_levels(w: torch.Tensor, levels: torch.Tensor, blocksize: int = 64):
+    """Blockwise absmax rounding to any sorted level set, to try level sets other than the named codebooks.
+
+    w (numel a multiple of blocksize; fp32, fp16 or bf16), levels (L,) strictly increasing ->
+    (codes (numel,) int64 indices into levels, w_hat shaped like w in w's dtype). The same arithmetic as
+    ``quantize_4bit`` + ``dequantize_4bit``, so for NF4's or INT4's levels it gives the same values."""
+    w, blocksize = _check_weight(w), check_blocksize(blocksize)
+    if (not isinstance(levels, torch.Tensor) or levels.dim() != 1 or levels.numel() < 2
+            or not torch.isfinite(levels).all() or not (levels.diff() > 0).all()):
+        raise ValueError(f"levels must be a 1-D tensor of >= 2 finite, strictly increasing values, got {levels!r}")
+    if w.numel() % blocksize:
+        raise ValueError(f"w has {w.numel()} values, not a multiple of blocksize={blocksize}")
+    blocks = w.reshape(-1, blocksize).float()  # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)  # (n_blocks, 1)
+    _check_finite(absmax, w)
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38))  # (n_blocks, blocksize) in [-1, 1]
+    levels = levels.float().to(w.device)
+    codes = torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2)  # nearest level; a tie goes to the lower
+    return codes.reshape(-1), (levels[codes] * absmax).to(w.dtype).reshape(w.shape)
+
+
+def code_occupancy(codes, n_codes: int = 16) -> torch.Tensor:
+    """How often each code is used: (n_codes,) float64 fractions summing to 1.
+
+    codes: a ``QuantizedTensor`` (16 codes; its numel values, an odd count's padding code not counted) or an
+    integer tensor of codes in 0 … n_codes - 1 (e.g. from ``round_to_levels``). A QuantizedTensor's bytes are
+    counted without unpacking: 256 byte counts = 16 × 16 (high, low) nibble pairs; code c occurs row c + column c."""
+    n_codes = check_int("n_codes", n_codes, 1)
+    if isinstance(codes, QuantizedTensor):
+        codes.validate()
+        if n_codes != 16:
+            raise ValueError(f"n_codes must be 16 for a QuantizedTensor (4-bit codes), got {n_codes}")
+        pairs = torch.bincount(codes.packed, minlength=256).view(16, 16)  # [high, low]: count of each byte
+        per_code = pairs.sum(dim=1) + pairs.sum(dim=0)  # (16,) as a high nibble + as a low nibble
+        if codes.numel % 2:
+            per_code[int(codes.packed[-1]) & 15] -= 1  # the padding code (a uint8 index would be a mask)
+        return per_code.double() / codes.numel
+    if (not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool
+            or codes.numel() == 0):
+        raise TypeError(f"codes must be a QuantizedTensor or a non-empty integer tensor, got {codes!r:.80}")
+    codes = codes.reshape(-1).long()
+    if codes.min() < 0 or codes.max() >= n_codes:
+        raise ValueError(f"codes must lie in 0 … {n_codes - 1}, got {codes.min().item()} … {codes.max().item()}")
+    return torch.bincount(codes, minlength=n_codes).double() / codes.numel()
+
+
+def entropy_bits(p: torch.Tensor) -> float:
+    """Shannon entropy H = -Σ p log2 p of an occupancy, in bits: log2(16) = 4.0 when all 16 codes are used
+    equally often (the most a 4-bit code can carry), less when some are used more than others."""
+    if not isinstance(p, torch.Tensor) or p.dim() != 1 or not p.is_floating_point() or p.numel() == 0:
+        raise TypeError(f"p must be a non-empty 1-D float tensor, got {p!r:.80}")
+    p = p.double()
+    if not torch.isfinite(p).all() or (p < 0).any() or abs(p.sum().item() - 1) > 1e-6:
+        raise ValueError(f"p must hold fractions >= 0 that sum to 1, got sum {p.sum().item()}")
+    used = p[p > 0]
+    return float(-(used * used.log2()).sum())
 
 
 # ---- the quantized tensor -----------------------------------------------------------------------------------
@@ -292,7 +301,7 @@ def dequantize_4bit_reference(q: QuantizedTensor, dtype: torch.dtype | None = No
 
     packed (ceil(n / 2),) uint8 -> codes (n,) -> levels (n,) fp32 -> times absmax[i // blocksize] -> q.shape."""
     dtype = _check_dequantize(q, dtype)
-    levels = _codebook(q.codebook).to(q.packed.device)  # (16,)
+    levels = codebook_table(q.codebook).to(q.packed.device)  # (16,)
     values = levels[unpack_4bit(q.packed, q.numel).long()]  # (n,) fp32: each code's level
     scale = q.block_absmax().repeat_interleave(q.blocksize)[:q.numel]  # (n,) each value's block absmax
     return (values * scale).to(dtype).view(q.shape)
@@ -317,7 +326,7 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, backen
     out = cpu_kernel.empty_huge_pages(q.numel, dtype) if on_cpu else torch.empty(q.numel, dtype=dtype,
                                                                                  device=q.packed.device)
     kernel = cpu_kernel if backend == "c" else fast
-    kernel.dequantize_into(q.packed, q.block_absmax().contiguous(), _codebook(q.codebook), out, q.blocksize)
+    kernel.dequantize_into(q.packed, q.block_absmax().contiguous(), codebook_table(q.codebook), out, q.blocksize)
     return out.view(q.shape)
 
 
@@ -357,7 +366,7 @@ def from_bnb(packed: torch.Tensor, state) -> QuantizedTensor:
     """A ``QuantizedTensor`` holding the same bytes as bitsandbytes' ``(packed, QuantState)``."""
     if state.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"state.quant_type must be 'nf4' or 'fp4', got {state.quant_type!r}")
-    if state.code is not None and not torch.equal(state.code.cpu(), _codebook(state.quant_type)):
+    if state.code is not None and not torch.equal(state.code.cpu(), codebook_table(state.quant_type)):
         raise ValueError(f"state.code is not bitsandbytes' {state.quant_type} table")
     double = None
     if state.nested:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -105,13 +106,58 @@ def lint_outputs(nb) -> list[str]:
     return problems
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the title's time line: measured by ``run``, not guessed
+
+TIME_LINE = re.compile(r"(\*\*What you will (?:do|learn)\*\*) \(≈[^)\n]*\)")
+READING_WORDS_PER_MINUTE = 200
+
+
+def reading_words(nb) -> int:
+    """Words of markdown (the time line itself not counted)."""
+    return sum(len(TIME_LINE.sub(r"\1", c.source).split()) for c in nb.cells if c.cell_type == "markdown")
+
+
+def time_line(nb) -> str | None:
+    """The "(≈ N min ...)" the title should carry, from the run that ``run`` recorded; None before any run."""
+    run = nb.metadata.get("lorabook", {}).get("run")
+    if not run:
+        return None
+    words, seconds = reading_words(nb), 5 * round(run["seconds"] / 5)
+    minutes = max(1, round(words / READING_WORDS_PER_MINUTE + seconds / 60))
+    return (f"(≈ {minutes} min to read and run: {words:,} words at {READING_WORDS_PER_MINUTE} a minute and "
+            f"≈ {seconds} s of compute on a {run['cpu_cores']}-core CPU, measured by `make notebooks`; "
+            f"plus {_count(len(exercises(nb)), 'exercise')})")
+
+
+def set_time_line(nb, seconds: float) -> None:
+    """Record a top-to-bottom run in the notebook's metadata and rewrite the title's time line from it."""
+    nb.metadata.setdefault("lorabook", {})["run"] = {"seconds": round(seconds, 1), "cpu_cores": os.cpu_count()}
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and TIME_LINE.search(cell.source):
+            cell.source = TIME_LINE.sub(lambda m: f"{m.group(1)} {time_line(nb)}", cell.source, count=1)
+            return
+
+
+def lint_time_line(nb) -> list[str]:
+    """The title's time line says what the recorded run and the markdown give (``run`` rewrites it)."""
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and (m := TIME_LINE.search(cell.source)):
+            want = time_line(nb)
+            if m.group(0)[len(m.group(1)) + 1:] != want:
+                return [f"cell {i}: the time line is stale (the markdown or the run changed): run "
+                        f"`python -m lorabook.teach run` on the notebook (make notebooks)"]
+    return []
+
+
 def lint(nb, name: str) -> list[str]:
     try:
         nbformat.validate(nb)
         problems = []
     except nbformat.ValidationError as e:
         problems = [f"invalid notebook: {str(e).splitlines()[0]}"]
-    return problems + lint_exercises(nb) + lint_stub_uses(nb) + lint_outputs(nb) + lint_colab(nb, name)
+    return (problems + lint_exercises(nb) + lint_stub_uses(nb) + lint_outputs(nb) + lint_time_line(nb)
+            + lint_colab(nb, name))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,6 +280,7 @@ def run_notebook(path: Path, timeout: int) -> tuple[list[str], str]:
     if problems:
         return problems + ["(notebook not written)"], ""
     strip_volatile(nb)
+    set_time_line(nb, seconds)
     write(nb, path)
     leaks = [p for p in lint_outputs(nb) if "memory address" in p or "absolute path" in p]
     return leaks + [f"(written anyway, ran in {seconds:.1f} s: fix these cells and run again)"] * bool(leaks), \
