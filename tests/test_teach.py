@@ -370,11 +370,12 @@ def test_the_time_line_comes_from_the_recorded_run_and_the_words(monkeypatch):
 
 
 def test_lint_finds_a_marker_inside_other_text():
-    """nbgrader reads any line holding '### BEGIN SOLUTION' as a marker, also inside prose or a string."""
-    nb = exercise_nb()
-    nb.cells.append(new_markdown_cell("Write it between `### BEGIN SOLUTION` and the end marker."))
-    problems = st.lint_exercises(nb)
-    assert len(problems) == 1 and "line 1 names a '### BEGIN/END' marker inside other text" in problems[0]
+    """nbgrader reads any line holding 'BEGIN SOLUTION' as a marker, also inside prose or a string."""
+    for text in ("Write it between `### BEGIN SOLUTION` and the end marker.", "A `BEGIN SOLUTION` region."):
+        nb = exercise_nb()
+        nb.cells.append(new_markdown_cell(text))
+        problems = st.lint_exercises(nb)
+        assert len(problems) == 1 and "line 1 names a BEGIN/END marker inside other text" in problems[0]
 
 
 def test_lint_finds_leaks_and_bad_execution_counts():

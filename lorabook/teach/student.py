@@ -124,10 +124,10 @@ def lint_exercises(nb) -> list[str]:
             problems.append(f"cell {i}: {e}")
             continue
         stray = [n + 1 for n, line in enumerate(cell.source.splitlines()) if not line.strip().startswith("###")
-                 and any(f"### {edge} {kind}" in line for edge in ("BEGIN", "END") for kind in (SOLUTION, HIDDEN))]
+                 and any(f"{edge} {kind}" in line for edge in ("BEGIN", "END") for kind in (SOLUTION, HIDDEN))]
         if stray:
-            problems.append(f"cell {i}: line {stray[0]} names a '### BEGIN/END' marker inside other text; nbgrader "
-                            f"reads it as a marker (write the marker on a line of its own, or drop the '###')")
+            problems.append(f"cell {i}: line {stray[0]} names a BEGIN/END marker inside other text; nbgrader reads "
+                            f"any line holding 'BEGIN SOLUTION' as a marker (reword it)")
         if sol and not meta.get("solution"):
             problems.append(f"cell {i}: has a '### BEGIN SOLUTION' region but no solution metadata "
                             f"(set cell.metadata to solution_metadata(grade_id))")
