@@ -197,23 +197,32 @@ def test_checks_see_a_broken_widget_and_an_exception(page, lab, screenshots):
     assert not any(f.startswith("cell 2") for f in found), found
 
 
-def test_welcome_runs_in_the_browser(page, lab, screenshots):
-    name = "00_welcome.ipynb"
+def run_clean(page, lab, screenshots, name):
+    """Open ``name`` in the lab, run all its cells through the menus, screenshot it, and find no problems."""
     open_notebook(page, lab, name)
     run_all(page, name)
-    shot(page, screenshots, "00_welcome_after_run_all.png")
+    shot(page, screenshots, f"{name.split('_')[0]}_{name.split('_')[1].split('.')[0]}_after_run_all.png")
     assert problems(page) == []
 
-    chat = cells(page).nth(cell_index(lab.root / name, r"print\(chat\(.*capital of France"))
-    chat.scroll_into_view_if_needed()
+
+def cell_of(page, lab, name, pattern):
+    """The notebook cell whose source matches ``pattern``, scrolled into view."""
+    cell = cells(page).nth(cell_index(lab.root / name, pattern))
+    cell.scroll_into_view_if_needed()
+    return cell
+
+
+def test_welcome_runs_in_the_browser(page, lab, screenshots):
+    name = "00_welcome.ipynb"
+    run_clean(page, lab, screenshots, name)
+    chat = cell_of(page, lab, name, r"print\(chat\(.*capital of France")
     answer = wait_for_text(chat.locator(".jp-OutputArea-output").first, "the chat answer")
     print(f"chat answer: {answer.strip()!r}")
     assert "Paris" in answer
     shot(chat, screenshots, "00_welcome_chat.png")
 
     # The chat box is a live widget: a click on its button makes the kernel answer into its Output widget.
-    ask = cells(page).nth(cell_index(lab.root / name, r"\.on_click\("))
-    ask.scroll_into_view_if_needed()
+    ask = cell_of(page, lab, name, r"\.on_click\(")
     assert ask.locator(".widget-text input").input_value() == "Name a planet with rings."
     ask.locator("button.jupyter-button", has_text="Ask SmolLM2").click()
     reply = ask.locator(".widget-output .jp-OutputArea-output")
@@ -228,13 +237,8 @@ def test_welcome_runs_in_the_browser(page, lab, screenshots):
 
 def test_memory_calculator_is_live(page, lab, screenshots):
     name = "01_memory_accounting.ipynb"
-    open_notebook(page, lab, name)
-    run_all(page, name)
-    shot(page, screenshots, "01_memory_after_run_all.png")
-    assert problems(page) == []
-
-    calc = cells(page).nth(cell_index(lab.root / name, r"memory\.calculator\(\)"))
-    calc.scroll_into_view_if_needed()
+    run_clean(page, lab, screenshots, name)
+    calc = cell_of(page, lab, name, r"memory\.calculator\(\)")
     out = text_of(calc.locator(".jp-OutputArea-output").first)  # the cell's own output (the widgets nest more)
     assert WIDGET_ERROR not in out and not WIDGET_REPR.search(out), out[:300]
     assert calc.locator(".widget-vbox .widget-dropdown select").count() == 4
