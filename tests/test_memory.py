@@ -383,3 +383,51 @@ def test_peak_over_slots_bad_input(tiny):
     bare = memory.Measurement(weights=1, gradients=0, optimizer=0, activations=0, total=1, saved_activations=0)
     with pytest.raises(ValueError, match="after_forward"):
         memory.peak_over_slots(bare)
+
+
+# --------------------------------------------------------------------------- optimizer state, counted
+@settings(max_examples=15, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+       optimizer=st.sampled_from(["sgd", "rmsprop", "adam", "adamw"]), dtype=st.sampled_from(["fp32", "bf16"]))
+def test_optimizer_state_bytes_equals_torchs_state(sizes, optimizer, dtype):
+    """The seed's 0 / 1 / 2 values per parameter (+ torch's fp32 step counters) is what torch really keeps."""
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1), "rmsprop": torch.optim.RMSprop,
+            "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    counted = memory.state_bytes_after_step(make, [(n,) for n in sizes], torch_dtype)
+    assert counted == memory.optimizer_state_bytes(sizes, optimizer, dtype)
+
+
+def test_state_bytes_after_step_counts_factored_and_shared_state():
+    # Adafactor (arXiv:1804.04235) keeps a row and a column factor per matrix, a full vector for a vector
+    assert memory.state_bytes_after_step(torch.optim.Adafactor, [(6, 5), (7,)]) == 4 * (6 + 5) + 4 * 7 + 2 * 4
+    momentum = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # one buffer per parameter
+    assert memory.state_bytes_after_step(momentum, [(3, 4)]) == 4 * 12
+
+
+@pytest.mark.parametrize("args,exc,arg", [
+    (("not callable", [(2,)]), TypeError, "make_optimizer"),
+    ((torch.optim.AdamW, []), ValueError, "shapes"),
+    ((torch.optim.AdamW, [(2, 0)]), ValueError, r"shapes\[0\]"),
+    ((torch.optim.AdamW, [()]), ValueError, r"shapes\[0\]"),
+    ((torch.optim.AdamW, [(2,)], torch.int64), ValueError, "dtype"),
+    ((lambda ps: None, [(2,)]), TypeError, "must return a torch.optim.Optimizer"),
+])
+def test_state_bytes_after_step_bad_input(args, exc, arg):
+    with pytest.raises(exc, match=arg):
+        memory.state_bytes_after_step(*args)
+
+
+@pytest.mark.parametrize("method,ckpt", [("full", False), ("full", True), ("lora", False), ("lora", True)])
+def test_peak_only_tracker_equals_memtracker(tiny, method, ckpt):
+    """measure's default tracker drops MemTracker's per-module peaks only: every number is the same."""
+    kw = dict(method=method, batch_size=2, seq_len=16, gradient_checkpointing=ckpt, steps=1)
+    fast, plain = memory.measure(tiny, tracker="peak-only", **kw), memory.measure(tiny, tracker="memtracker", **kw)
+    assert (fast.snapshot, fast.after_forward, fast.after_backward) == (plain.snapshot, plain.after_forward,
+                                                                        plain.after_backward)
+    assert fast.slots == plain.slots and fast.total == plain.total
+
+
+def test_measure_bad_tracker(tiny):
+    with pytest.raises(ValueError, match="tracker"):
+        memory.measure(tiny, tracker="fast")
