@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from lorabook.data import DATA_DIR
 from lorabook.experiments import guide
-from lorabook.experiments.guide import GUIDE, bench_rows, latency_rows, render, wilson, within_noise, write
+from lorabook.experiments.guide import (GUIDE, bench_rows, latency_rows, mcnemar, render, wilson, within_noise,
+                                        write)
 
-FILES = ("lora_tables.json", "lora_sql_results.json", "lora_table1.json", "bench_nf4.json", "bench_paged.json")
+FILES = ("lora_tables.json", "lora_sql_results.json", "lora_table1.json", "bench_nf4.json", "bench_paged.json",
+         "qlora_transfer.json")
 
 
 def test_committed_guide_equals_a_fresh_generation():
@@ -157,3 +159,41 @@ def test_bench_rows_keep_the_bitsandbytes_timings_and_every_paged_row():
                                                        ("bench_paged.json", "state bytes")]
     assert rows[1]["exact"] is None and "peak_device_bytes" not in rows[1]
     assert bench_rows(nf4, None) == rows[:1]
+
+
+# ---- the paired test (a QLoRA adapter moved to another base, notebook 07) ----------------------------------------
+def test_mcnemar_exact_values():
+    a = [True] * 19 + [False] * 6 + [True] * 30 + [False] * 45  # 19 right only under a, 6 only under b
+    b = [False] * 19 + [True] * 6 + [True] * 30 + [False] * 45
+    r = mcnemar(a, b)
+    assert (r["only_a"], r["only_b"]) == (19, 6)
+    assert r["p"] == pytest.approx(2 * sum(math.comb(25, i) for i in range(7)) / 2 ** 25) == pytest.approx(0.0146, abs=1e-4)
+    assert mcnemar(b, a)["p"] == r["p"]  # symmetric
+    assert mcnemar([True, False], [True, False])["p"] == 1.0  # no disagreement: no evidence either way
+    assert mcnemar([True] * 5, [False] * 5)["p"] == pytest.approx(2 / 32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_mcnemar_is_a_probability_and_ignores_agreements(pairs):
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    r = mcnemar(a, b)
+    assert 0 < r["p"] <= 1
+    assert mcnemar(a + [True, False], b + [True, False])["p"] == r["p"]  # questions both agree on change nothing
+
+
+@pytest.mark.parametrize("a,b,exc,match", [
+    ([True], [True, False], ValueError, "one length"), ([], [], ValueError, "non-empty"),
+    ([1, 0], [True, False], TypeError, "bools"), ("TF", "TF", TypeError, "lists of bools")])
+def test_mcnemar_bad_input(a, b, exc, match):
+    with pytest.raises(exc, match=match):
+        mcnemar(a, b)
+
+
+def test_the_transfer_sentence_follows_the_file(data):
+    text = render(data)
+    transfer = json.loads((data / "qlora_transfer.json").read_text())
+    own = transfer["adapters"]["nf4"]["eval"]["nf4"]["accuracy"]
+    assert f"the NF4-trained adapter {100 * own:.0f}% on its own base" in text
+    (data / "qlora_transfer.json").unlink()
+    assert "Keep the adapter on the base it was trained on" not in render(data)

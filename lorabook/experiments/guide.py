@@ -15,6 +15,8 @@ Inputs and what the guide takes from each:
     data/lora_table1.json       Table 1: the inference latency overhead of merged / unmerged LoRA and adapters
     data/bench_nf4.json         what QLoRA's 4-bit weights cost in time: (de)quantizing one weight vs bitsandbytes
     data/bench_paged.json       what the paged optimizer costs in time (optional: left out when absent)
+    data/qlora_transfer.json    a QLoRA adapter on the base it was trained on vs on the other base (notebook 07;
+                                optional: left out when absent)
 
 Memory is not measured in data/: the memory table is ``lorabook.memory.estimate`` (the analytic estimate that
 notebook 01 checks against measured peaks) at the runs' batch and length, and for LLaMA-65B (QLoRA's Figure 1).
@@ -30,11 +32,11 @@ from pathlib import Path
 
 from .._checks import check_int, check_number, check_positive_int
 from .._io import write_text
-from ..data import DATA_DIR
+from ..data import DATA_DIR, exact_match
 from . import tables
 
 __all__ = ["GUIDE", "Z95", "wilson", "within_noise", "accuracy_rows", "memory_rows", "latency_rows",
-           "bench_rows", "render", "write"]
+           "bench_rows", "transfer_rows", "mcnemar", "render", "write"]
 
 GUIDE = DATA_DIR.parent / "notebooks" / "WHICH_METHOD.md"
 Z95 = 1.959963984540054  # the normal quantile of 0.975
@@ -68,6 +70,25 @@ def within_noise(p1: float, n1: int, p2: float, n2: int, z: float = Z95) -> bool
     n1, n2 = check_positive_int("n1", n1), check_positive_int("n2", n2)
     z = check_number("z", z, low=0, low_open=True)
     return abs(p1 - p2) <= z * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
+def mcnemar(correct_a: list[bool], correct_b: list[bool]) -> dict:
+    """Two scorings of the same questions, compared paired (McNemar 1947, exact): only_a = questions right under
+    a and wrong under b, only_b the reverse, p = the two-sided binomial probability of a split at least this
+    uneven if either was equally likely (questions both get right or both get wrong say nothing about which is
+    better). Stronger than comparing two accuracies as if the questions were different."""
+    if not isinstance(correct_a, (list, tuple)) or not isinstance(correct_b, (list, tuple)):
+        raise TypeError("correct_a and correct_b must be lists of bools (one per question)")
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError(f"correct_a and correct_b must be non-empty and of one length, got {len(correct_a)} and "
+                         f"{len(correct_b)}")
+    if not all(isinstance(x, bool) for x in (*correct_a, *correct_b)):
+        raise TypeError("correct_a and correct_b must hold bools (True = answered right)")
+    only_a = sum(a and not b for a, b in zip(correct_a, correct_b))
+    only_b = sum(b and not a for a, b in zip(correct_a, correct_b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return dict(only_a=only_a, only_b=only_b, p=p)
 
 
 # ---- the tables ----------------------------------------------------------------------------------------------
@@ -150,6 +171,19 @@ def bench_rows(nf4: dict, paged: dict | None) -> list[dict]:
             for r in rows]
 
 
+def transfer_rows(transfer: dict) -> list[dict]:
+    """Per adapter: its score on its own base and on the other, and the paired test of the two (``mcnemar``)."""
+    n, gold, out = transfer["eval_n"], transfer["gold"], []
+    name_of = {"nf4": "NF4", "fp32": "fp32"}
+    for name, adapter in transfer["adapters"].items():
+        right = {base: [exact_match(p, g) for p, g in zip(ev["predictions"], gold)]
+                 for base, ev in adapter["eval"].items()}
+        other = next(b for b in right if b != name)
+        out.append(dict(adapter=name, label=f"the {name_of[name]}-trained adapter", n=n, other=name_of[other],
+                        own=sum(right[name]) / n, moved=sum(right[other]) / n, **mcnemar(right[name], right[other])))
+    return out
+
+
 # ---- rendering ----------------------------------------------------------------------------------------------
 
 def _pct(x: float) -> str:
@@ -203,6 +237,7 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
     runs = read("lora_tables.json")["runs"]
     sql, table1, nf4 = read("lora_sql_results.json"), read("lora_table1.json"), read("bench_nf4.json")
     paged = read("bench_paged.json") if (data_dir / "bench_paged.json").is_file() else None
+    moved = transfer_rows(read("qlora_transfer.json")) if (data_dir / "qlora_transfer.json").is_file() else []
     acc = accuracy_rows(runs, sql)
     by_run = {}
     for rows in acc.values():  # a run in two tables keeps its first (Table 2) label
@@ -228,7 +263,11 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
     shapes, lat = latency_rows(table1)
     merged = [r for r in lat if r["method"] == "lora_merged"]
     unmerged = [r for r in lat if r["method"] != "lora_merged"]
-    noise = "95% CI" if any("ci_low_pct" in r for r in table1["rows"]) else "IQR"
+    paired = any("ci_low_pct" in r for r in table1["rows"])
+    noise = "95% CI" if paired else "IQR"
+    # what "within" means: a paired sweep's interval contains 0; an older sweep's overhead is inside the IQR
+    within_words, outside_words = (("intervals contain 0", "intervals exclude 0") if paired
+                                   else ("within the IQR", "outside the IQR"))
     outside = sum(c["verdict"] != "within" for r in unmerged for c in r["cells"].values())
     ns = sorted({r["n"] for rows in acc.values() for r in rows})
 
@@ -264,14 +303,20 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
              else "QLoRA against LoRA:") + f"** {_compare(q_qv, qv)}; {_compare(q_all, allr8)}. "
          f"LLaMA-65B, estimated peak: {_gib(qlora_m['big_peak'])} "
          + ("(under 48 GB)" if qlora_m["big_peak"] <= 48e9 else "(over 48 GB)")
-         + f" vs {_gib(lora_m['big_peak'])} for LoRA on a bf16 base.",
+         + f" vs {_gib(lora_m['big_peak'])} for LoRA on a bf16 base."
+         + (f" Keep the adapter on the base it was trained on (notebook 07, {moved[0]['n']} questions, 8 steps): "
+            + "; ".join(f"{r['label']} {_pct(r['own'])} on its own base, {_pct(r['moved'])} on {r['other']} "
+                        f"({r['only_a']} questions right only on its own base, {r['only_b']} only on {r['other']}: "
+                        f"paired exact p = {r['p']:.2g}" + (", more than the noise)" if r["p"] < 0.05 else ")")
+                        for r in moved) + "."
+            if moved else ""),
          "4. **Merge LoRA before serving one task.** Merged, the model has the base model's shapes and FLOPs"
          + "".join(": measured " + ", ".join(f"{c['pct']:+.1f}%" for c in r["cells"].values())
                    + f" ({sum(c['verdict'] == 'within' for c in r['cells'].values())} of {len(r['cells'])} "
-                   f"within the {noise})" for r in merged)
+                   f"{within_words})" for r in merged)
          + ". Unmerged LoRA and adapters add work in every adapted layer: "
          + "; ".join(f"{r['label']} " + ", ".join(f"{c['pct']:+.1f}%" for c in r["cells"].values()) for r in unmerged)
-         + f" ({outside} of {sum(len(r['cells']) for r in unmerged)} outside the {noise}). Adapters cannot be merged.",
+         + f" ({outside} of {sum(len(r['cells']) for r in unmerged)} {outside_words}). Adapters cannot be merged.",
          f"5. **Other methods, against {_score(qv)} ({_params(qv['trainable'])} trainable):** "
          + "; ".join(f"{_score(by_run[k])} ({_params(by_run[k]['trainable'])}): {_versus(by_run[k], qv)}"
                      for k in ("adapter_h-m6", "adapter_l-m12", "bitfit", "prefix-p40"))
@@ -296,7 +341,9 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
           + " |" for case, r in mem.items()]
     L += ["", "## Inference latency overhead vs the base model (Table 1)", "",
           f"From `data/lora_table1.json`: GPT-2 medium with random weights, one CPU thread, {table1['rounds']} "
-          f"rounds; the median's overhead, its {noise} and whether the overhead lies outside it.", "",
+          f"rounds; " + ("the median of the paired ratios (each call between two base calls) as an overhead, its "
+                         "95% bootstrap interval, and whether that interval excludes 0." if paired else
+                         "the median's overhead, its IQR and whether the overhead lies outside it."), "",
           "| method | " + " | ".join(f"batch {b} × {q}" for b, q in shapes) + " |", "|---|" + "---:|" * len(shapes)]
     L += [f"| {r['label']} | " + " | ".join(
         (f"{c['pct']:+.1f}% ({c['spread']}, {c['verdict']})" if (c := r["cells"].get(sh)) else "—") for sh in shapes)
