@@ -264,7 +264,6 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
     merged = [r for r in lat if r["method"] == "lora_merged"]
     unmerged = [r for r in lat if r["method"] != "lora_merged"]
     paired = any("ci_low_pct" in r for r in table1["rows"])
-    noise = "95% CI" if paired else "IQR"
     # what "within" means: a paired sweep's interval contains 0; an older sweep's overhead is inside the IQR
     within_words, outside_words = (("intervals contain 0", "intervals exclude 0") if paired
                                    else ("within the IQR", "outside the IQR"))
