@@ -113,7 +113,21 @@ def load_base_model(name: str | None = None, dtype: torch.dtype = torch.float32,
         if bars:
             hf_logging.enable_progress_bar()
     model.to(device or "cpu").eval()
+    _own_aligned_memory(model)
     return model, tokenizer
+
+
+def _own_aligned_memory(model: torch.nn.Module, alignment: int = 64) -> None:
+    """Copy every parameter that does not start on an ``alignment``-byte boundary into memory of its own.
+
+    transformers maps a safetensors file into memory and its tensors point into it, at offsets set by the file's
+    header -- for SmolLM2's cache none of the 272 is 64-byte aligned, and CPU matrix multiplies on them ran
+    about 3% slower than on a copy (same results, bit for bit), which made a merged-LoRA copy look faster than
+    the base in timing comparisons. Tied weights are one Parameter, so they stay tied."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu" and param.data_ptr() % alignment:
+                param.data = param.data.clone()
 
 
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:

@@ -77,6 +77,25 @@ def test_second_load_comes_from_the_cache_and_is_identical(smollm2, monkeypatch)
         assert torch.equal(p, q), name
 
 
+@pytest.mark.smollm2
+def test_loaded_weights_own_aligned_memory(smollm2):
+    """The safetensors file is memory-mapped at unaligned offsets; load_base_model copies each parameter into
+    64-byte-aligned memory of its own (CPU matmuls on unaligned weights ran ~3% slower) and keeps the tie."""
+    model, _ = smollm2
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_aligning_copies_only_what_is_unaligned():
+    m = torch.nn.Linear(4, 3)
+    kept = m.bias.data_ptr()
+    storage = torch.zeros(13)
+    m.weight.data = storage[1:13].view(3, 4)  # 4 bytes past an aligned start
+    models._own_aligned_memory(m)
+    assert m.weight.data_ptr() % 64 == 0 and m.bias.data_ptr() == kept
+    assert torch.equal(m.weight, torch.zeros(3, 4))
+
+
 def test_perplexity_is_exp_of_the_models_own_loss():
     from lorabook.models import byte_tokenizer
     from lorabook.models import perplexity, tiny_llama
