@@ -10,6 +10,7 @@ The package, by role (each subpackage's docstring maps its modules)::
     baselines    Adapter^H, Adapter^L, BitFit, prefix tuning, full fine-tuning (the seed's Table 2)
     latency      the seed's Table 1: inference latency of LoRA vs adapters
     quant/       NF4 / FP4 / INT4, double quantization, LinearNF4, the compiled CPU dequantize
+    adamw8bit    AdamW8bit: m and v in 8 bits (blocks of 256), bitsandbytes' AdamW8bit bit for bit
     paged        PagedAdamW: optimizer state in pages under a device budget
     qlora        add_qlora / prepare_qlora: NF4 base + LoRA + checkpointing + paged AdamW
     train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``

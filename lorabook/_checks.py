@@ -10,6 +10,7 @@ import math
 import numbers
 
 __all__ = ["check_int", "check_positive_int", "check_number", "check_choice", "bad_choice", "check_module",
+           "check_adam_hyperparameters",
            "check_flag"]
 
 
@@ -89,3 +90,15 @@ def check_module(name: str, value):
 def _short(value, n: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= n else text[:n] + "..."
+
+
+def check_adam_hyperparameters(lr, betas, eps, weight_decay) -> tuple[float, float]:
+    """Adam(W)'s arguments checked, each error naming its argument; returns (beta1, beta2)."""
+    check_number("lr", lr, low=0)
+    check_number("eps", eps, low=0)
+    check_number("weight_decay", weight_decay, low=0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
+    check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+    return betas[0], betas[1]

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int, check_number
+from ._checks import check_adam_hyperparameters, check_int
+from .adamw8bit import params_with_grad, run_closure
 
 
 @dataclass
@@ -153,13 +154,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, page_bytes: int = 2 ** 20, budget_bytes: int | None = None):
-        check_number("lr", lr, low=0)
-        check_number("eps", eps, low=0)
-        check_number("weight_decay", weight_decay, low=0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
-        check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+        check_adam_hyperparameters(lr, betas, eps, weight_decay)
         check_int("page_bytes", page_bytes, low=64)
         if budget_bytes is not None:
             check_int("budget_bytes", budget_bytes, low=page_bytes)
@@ -192,32 +187,24 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = run_closure(closure)
+        for group, param in params_with_grad(self, "PagedAdamW"):
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if not param.is_contiguous():
-                    raise ValueError(f"parameters must be contiguous, got one of shape {tuple(param.shape)}")
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    self._init_state(param)
-                state["step"] += 1
-                step = state["step"].item()
-                flat, grad = param.view(-1), param.grad.reshape(-1)  # (n,)
-                pool = self._pool(param)
-                for k, start, stop in self._pages(param):
-                    page = pool.get((id(param), k))  # (2, stop - start) on the device: m, v
-                    adamw_update(flat[start:stop], grad[start:stop], page[0], page[1], lr=group["lr"],
-                                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                 step=step)
+            if not param.is_contiguous():
+                raise ValueError(f"parameters must be contiguous, got one of shape {tuple(param.shape)}")
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                self._init_state(param)
+            state["step"] += 1
+            step = state["step"].item()
+            flat, grad = param.view(-1), param.grad.reshape(-1)  # (n,)
+            pool = self._pool(param)
+            for k, start, stop in self._pages(param):
+                page = pool.get((id(param), k))  # (2, stop - start) on the device: m, v
+                adamw_update(flat[start:stop], grad[start:stop], page[0], page[1], lr=group["lr"],
+                             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                             step=step)
         return loss
 
     def moments(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """``python -m lorabook.bench paged``: one AdamW step of ``PagedAdamW`` against torch's AdamW and bitsandbytes'
-PagedAdamW, in the same run.
+PagedAdamW, and of ``AdamW8bit`` against bitsandbytes' AdamW8bit, in the same run.
 
 The parameters: 16 matrices of 1024 × 1024 fp32 (16.8 M parameters, 134 MB of AdamW state; ``--quick``: 16 of
 128 × 128), each with a fixed gradient. We time one ``step()``:
@@ -10,6 +10,8 @@ The parameters: 16 matrices of 1024 × 1024 fp32 (16.8 M parameters, 134 MB of A
     lorabook, budget 1/4     vs lorabook, no budget                the cost of paging: with a budget of a quarter
                                                                    of the state, a step evicts and re-fetches all
                                                                    of it (a cyclic sweep defeats LRU)
+    lorabook AdamW8bit       vs bitsandbytes AdamW8bit             8-bit m and v (blocks of 256): time, exact, and
+                                                                   the bytes of state each keeps
 
 ``exact`` compares the parameters after 3 steps from the same start. On a CPU "device" and "host" are one memory,
 so a page move is a memcpy; on a GPU it is a PCIe copy, and the paging row is the one to watch.
@@ -22,6 +24,7 @@ import torch
 
 from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, threads
+from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PageStats
 
 LR = 1e-3
@@ -67,10 +70,12 @@ def _paged_bench(quick: bool) -> list[dict]:
         "torch loop": lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False),
         "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=True),
         "bnb": lambda ps: bitsandbytes.optim.PagedAdamW(ps, lr=LR),
+        "lorabook 8bit": lambda ps: AdamW8bit(ps, lr=LR),
+        "bnb 8bit": lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=LR),
     }
     results = {name: _after_steps(make, quick, dev) for name, make in makers.items()}
-    exact = {name: all(torch.equal(a, b) for a, b in zip(results["lorabook"], result))
-             for name, result in results.items()}
+    ours = lambda name: "lorabook 8bit" if name.endswith("8bit") else "lorabook"  # noqa: E731  what it is compared with
+    exact = {name: all(torch.equal(a, b) for a, b in zip(results[ours(name)], result)) for name, result in results.items()}
     optimizers = {name: make(_parameters(quick, dev)) for name, make in makers.items()}
     for optimizer in optimizers.values():
         optimizer.step()  # the state exists before timing starts
@@ -90,4 +95,11 @@ def _paged_bench(quick: bool) -> list[dict]:
                  t["lorabook"].median, exact=exact["lorabook budget 1/4"]),
              row(f"{case}, budget 1/4", "bytes paged in per step", pool.stats.bytes_in,
                  "state bytes", state_bytes, peak_device_bytes=pool.stats.peak_device_bytes)]
+    held = {name: sum(v.numel() * v.element_size() for st in optimizers[name].state.values() for k, v in st.items()
+                      if isinstance(v, torch.Tensor) and not k.startswith("qmap"))  # the maps are shared constants
+            for name in ("lorabook 8bit", "bnb 8bit")}
+    label8 = f"bitsandbytes {bitsandbytes.__version__} AdamW8bit"
+    rows += [row(f"{case}, 8-bit state", "seconds", t["lorabook 8bit"].median, label8, t["bnb 8bit"].median,
+                 exact=exact["bnb 8bit"], paired_ratio=paired_ratio(t["lorabook 8bit"], t["bnb 8bit"], repeat)),
+             row(f"{case}, 8-bit state", "bytes of state", held["lorabook 8bit"], label8, held["bnb 8bit"])]
     return rows

@@ -95,8 +95,10 @@ def _lion(params, lr: float) -> torch.optim.Optimizer:
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    from ..adamw8bit import AdamW8bit
+
     makers = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
-              "adamw": torch.optim.AdamW, "lion": _lion}
+              "adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit, "lion": _lion}
     if name not in makers:
         raise bad_choice("optimizer", name, makers)
     return makers[name](params, lr=lr)

@@ -36,24 +36,34 @@ GRID_POINTS = 65536  # bitsandbytes' CPU quantizer rounds through this many poin
 
 
 @lru_cache(maxsize=None)
-def _dynamic_map() -> torch.Tensor:
+def _dynamic_map(signed: bool = True) -> torch.Tensor:
     values = [0.0, 1.0]
     for e in range(7):  # decades 1e-6 … 1: the shorter the exponent, the more bits are left for the fraction
-        k = 2 ** e  # fraction values in this decade: the midpoints of k equal bins of [0.1, 1]
+        k = 2 ** e if signed else 2 ** (e + 1)  # fraction values in this decade (unsigned: the sign bit's too)
         edges = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
-        magnitudes = 10.0 ** (e - 6) * ((edges[:-1] + edges[1:]) / 2.0)  # (k,) fp32
-        values += magnitudes.tolist() + (-magnitudes).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)  # 2 + 2·(1 + 2 + … + 64) = 256 values
+        magnitudes = 10.0 ** (e - 6) * ((edges[:-1] + edges[1:]) / 2.0)  # (k,) fp32: midpoints of k bins
+        values += magnitudes.tolist() + ((-magnitudes).tolist() if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float32)  # 2 + 2·(1 + … + 64) = 2 + (2 + … + 128) = 256
 
 
-def dynamic_map() -> torch.Tensor:
-    """The 256 sorted values of the signed 8-bit dynamic data type, in [-1, 1] (a copy; the same as
-    ``bitsandbytes.functional.create_dynamic_map()``)."""
-    return _dynamic_map().clone()
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256 sorted values of the 8-bit dynamic data type (a copy; the same as
+    ``bitsandbytes.functional.create_dynamic_map(signed)``): in [-1, 1] when ``signed``, else in [0, 1] with
+    twice the fraction values per decade -- 8-bit AdamW keeps m in the signed map and v (never negative) in the
+    unsigned one."""
+    check_flag("signed", signed)
+    return _dynamic_map(signed).clone()
 
 
 def _grid_codes(code: torch.Tensor) -> torch.Tensor:
-    """(65536,) uint8: for grid point i, value -1 + 2i/65535 (in fp32), the number of code midpoints below it."""
+    """(65536,) uint8: for grid point i, value -1 + 2i/65535 (in fp32), the number of code midpoints below it.
+    Built once per code (cached by its bytes): an optimizer quantizes with the same two maps every step."""
+    return _grid_codes_of(code.detach().cpu().contiguous().numpy().tobytes())
+
+
+@lru_cache(maxsize=16)
+def _grid_codes_of(code_bytes: bytes) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)  # (256,)
     midpoints = 0.5 * (code[:-1] + code[1:])  # (255,) fp32
     grid = -1.0 + (2.0 * torch.arange(GRID_POINTS, dtype=torch.float32)) / float(GRID_POINTS - 1)
     return torch.bucketize(grid, midpoints).to(torch.uint8)  # bucketize counts midpoints < value
@@ -93,7 +103,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     grid_index.clamp_(0, GRID_POINTS - 1)  # NaN (0 · inf, a subnormal absmax) -> 0, as C's cast on x86
     codes = _grid_codes(code.cpu()).to(x.device)[grid_index]  # (n_blocks, blocksize) uint8
     codes[~nonzero] = 0  # an all-zero block: code 0, absmax 0 (bitsandbytes' convention)
-    return codes.view(-1)[:n].view(x.shape), absmax
+    flat_codes = codes.view(-1)[:n] if n == codes.numel() else codes.view(-1)[:n].clone()  # no padded storage kept
+    return flat_codes.view(x.shape), absmax
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
