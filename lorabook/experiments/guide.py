@@ -173,13 +173,14 @@ def bench_rows(nf4: dict, paged: dict | None) -> list[dict]:
 
 def transfer_rows(transfer: dict) -> list[dict]:
     """Per adapter: its score on its own base and on the other, and the paired test of the two (``mcnemar``)."""
-    n, gold, out = transfer["eval_n"], transfer["gold"], []
+    n, gold, steps, out = transfer["eval_n"], transfer["gold"], transfer["recipe"]["steps"], []
     name_of = {"nf4": "NF4", "fp32": "fp32"}
     for name, adapter in transfer["adapters"].items():
         right = {base: [exact_match(p, g) for p, g in zip(ev["predictions"], gold)]
                  for base, ev in adapter["eval"].items()}
         other = next(b for b in right if b != name)
-        out.append(dict(adapter=name, label=f"the {name_of[name]}-trained adapter", n=n, other=name_of[other],
+        out.append(dict(adapter=name, label=f"the {name_of[name]}-trained adapter", n=n, steps=steps,
+                        other=name_of[other],
                         own=sum(right[name]) / n, moved=sum(right[other]) / n, **mcnemar(right[name], right[other])))
     return out
 
@@ -303,7 +304,8 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
          f"LLaMA-65B, estimated peak: {_gib(qlora_m['big_peak'])} "
          + ("(under 48 GB)" if qlora_m["big_peak"] <= 48e9 else "(over 48 GB)")
          + f" vs {_gib(lora_m['big_peak'])} for LoRA on a bf16 base."
-         + (f" Keep the adapter on the base it was trained on (notebook 07, {moved[0]['n']} questions, 8 steps): "
+         + (" Keep the adapter on the base it was trained on "
+            f"(notebook 07, {moved[0]['n']} questions, {moved[0]['steps']} steps): "
             + "; ".join(f"{r['label']} {_pct(r['own'])} on its own base, {_pct(r['moved'])} on {r['other']} "
                         f"({r['only_a']} questions right only on its own base, {r['only_b']} only on {r['other']}: "
                         f"paired exact p = {r['p']:.2g}" + (", more than the noise)" if r["p"] < 0.05 else ")")
