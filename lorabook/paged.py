@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_adam_hyperparameters, check_int
-from .adamw8bit import params_with_grad, run_closure
+from .adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE, AdamW8bit, block_chunks, params_with_grad, run_closure
 
 
 @dataclass
@@ -146,7 +146,29 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
-class PagedAdamW(torch.optim.Optimizer):
+class _Paged:
+    """What a paged optimizer adds: one PagePool per device its parameters live on, paging out, and state bytes
+    by where they are. A subclass sets ``budget_bytes`` and ``pools = {}``."""
+
+    def _pool(self, param: torch.Tensor) -> PagePool:
+        if param.device not in self.pools:
+            self.pools[param.device] = PagePool(param.device, self.budget_bytes)
+        return self.pools[param.device]
+
+    def page_out(self, keep_bytes: int = 0) -> None:
+        """Move optimizer state to the host until at most ``keep_bytes`` stay on each device: call it before a step
+        whose activations spike (a long batch); the next ``step()`` pages back in what it touches."""
+        check_int("keep_bytes", keep_bytes, low=0)
+        for pool in self.pools.values():
+            pool.page_out(keep_bytes)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Optimizer-state bytes on the device and on the host, over all pools."""
+        return {"device": sum(p.device_bytes for p in self.pools.values()),
+                "host": sum(p.host_bytes for p in self.pools.values())}
+
+
+class PagedAdamW(_Paged, torch.optim.Optimizer):
     """AdamW with its state (exp_avg, exp_avg_sq) in pages of ``page_bytes`` under ``budget_bytes`` of device memory.
 
     budget_bytes=None keeps every page on the device (plain AdamW, state in pages). Bit-exact with
@@ -162,11 +184,6 @@ class PagedAdamW(torch.optim.Optimizer):
         self.page_bytes = page_bytes
         self.budget_bytes = budget_bytes
         self.pools: dict[torch.device, PagePool] = {}  # one per device the parameters live on
-
-    def _pool(self, param: torch.Tensor) -> PagePool:
-        if param.device not in self.pools:
-            self.pools[param.device] = PagePool(param.device, self.budget_bytes)
-        return self.pools[param.device]
 
     def _pages(self, param: torch.Tensor) -> list[tuple[int, int, int]]:
         """(key index, start, stop) for each page of ``param``'s state."""
@@ -217,18 +234,6 @@ class PagedAdamW(torch.optim.Optimizer):
         both = torch.cat([page.to(param.device) for page in pages], dim=1)  # (2, n)
         return both[0].view_as(param).clone(), both[1].view_as(param).clone()
 
-    def page_out(self, keep_bytes: int = 0) -> None:
-        """Move optimizer state to the host until at most ``keep_bytes`` stay on each device: call it before a step
-        whose activations spike (a long batch); the next ``step()`` pages back in what it touches."""
-        check_int("keep_bytes", keep_bytes, low=0)
-        for pool in self.pools.values():
-            pool.page_out(keep_bytes)
-
-    def state_bytes(self) -> dict[str, int]:
-        """Optimizer-state bytes on the device and on the host, over all pools."""
-        return {"device": sum(p.device_bytes for p in self.pools.values()),
-                "host": sum(p.host_bytes for p in self.pools.values())}
-
     def state_dict(self):
         """torch.optim.AdamW's layout: per parameter ``step``, ``exp_avg``, ``exp_avg_sq`` (whole tensors)."""
         saved = super().state_dict()
@@ -258,3 +263,88 @@ class PagedAdamW(torch.optim.Optimizer):
         self.pools = {}
         for index, entry in state_dict["state"].items():
             self._init_state(params[index], entry["exp_avg"], entry["exp_avg_sq"])
+
+
+def page_blocks(page_bytes: int) -> int:
+    """Blocks of 256 elements per page of 8-bit state: a block takes 2 · 256 code bytes + 2 · 4 absmax bytes."""
+    return max(1, page_bytes // (2 * BLOCKSIZE + 8))
+
+
+class PagedAdamW8bit(_Paged, AdamW8bit):
+    """AdamW8bit with its state in pages of whole blocks under ``budget_bytes`` of device memory -- bit-exact with
+    ``AdamW8bit`` and ``bitsandbytes.optim.PagedAdamW8bit`` for any page size and budget (blocks are independent).
+
+    page (i, k) of an 8-bit state, one uint8 buffer: [absmax1 (b,) fp32 | absmax2 (b,) fp32 | state1 (e,) | state2 (e,)]
+    for elements [k·E, k·E + e) in b = ceil(e / 256) blocks, E = page_blocks(page_bytes) · 256. A tensor under
+    min_8bit_size keeps fp32 m and v: its pages are (2, e) fp32, as in PagedAdamW."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, min_8bit_size: int = MIN_8BIT_SIZE, page_bytes: int = 2 ** 20,
+                 budget_bytes: int | None = None):
+        check_int("page_bytes", page_bytes, low=2 * BLOCKSIZE + 8)  # at least one block
+        if budget_bytes is not None:
+            check_int("budget_bytes", budget_bytes, low=page_bytes)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size,
+                         chunk=page_blocks(page_bytes) * BLOCKSIZE)
+        self.page_bytes = page_bytes
+        self.budget_bytes = budget_bytes
+        self.pools: dict[torch.device, PagePool] = {}
+
+    def _ranges(self, param: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """(start, stop, first block, end block) of each page; an fp32 state pages like PagedAdamW's."""
+        if self.is_8bit(param):
+            return list(block_chunks(param.numel(), self.chunk))
+        elems = page_elems(4, self.page_bytes)
+        return [(start, min(start + elems, param.numel()), 0, 0) for start in range(0, param.numel(), elems)]
+
+    @staticmethod
+    def _views(page: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """The state tensors of a page of ``n`` elements, as views into it."""
+        if page.dtype == torch.float32:
+            return {"state1": page[0], "state2": page[1]}
+        b = -(-n // BLOCKSIZE)
+        return {"absmax1": page[:4 * b].view(torch.float32), "absmax2": page[4 * b:8 * b].view(torch.float32),
+                "state1": page[8 * b:8 * b + n], "state2": page[8 * b + n:]}
+
+    def _add_pages(self, param: torch.Tensor, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Pages for ``param``: zeros (a fresh state), or whole state tensors (a loaded one) cut into pages."""
+        flat = {k: v.reshape(-1) for k, v in (tensors or {}).items()}
+        pool = self._pool(param)
+        for k, (start, stop, first, end) in enumerate(self._ranges(param)):
+            if tensors is None and not self.is_8bit(param):  # zeros, page by page (a whole state may not fit)
+                page = torch.zeros(2, stop - start)
+            elif tensors is None:
+                page = torch.zeros(8 * (end - first) + 2 * (stop - start), dtype=torch.uint8)
+            elif not self.is_8bit(param):
+                page = torch.stack([flat["state1"][start:stop], flat["state2"][start:stop]])  # (2, e) fp32
+            else:
+                page = torch.cat([flat["absmax1"][first:end].view(torch.uint8),
+                                  flat["absmax2"][first:end].view(torch.uint8),
+                                  flat["state1"][start:stop], flat["state2"][start:stop]])  # (8b + 2e,) uint8
+            pool.add((id(param), k), page)
+
+    def _init_state(self, param: torch.Tensor) -> None:
+        self._add_pages(param)
+        self.state[param]["step"] = 0
+
+    def _parts(self, param: torch.Tensor):
+        """(start, stop, state views) of each page of ``param``, paged in if it was on the host."""
+        pool = self._pool(param)
+        for k, (start, stop, _, _) in enumerate(self._ranges(param)):
+            yield start, stop, self._views(pool.get((id(param), k)), stop - start)
+
+    def state_tensors(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The whole state tensors of ``param``, gathered from its pages (wherever they are)."""
+        pool = self._pool(param)
+        parts = []
+        for k, (start, stop, _, _) in enumerate(self._ranges(param)):
+            page = pool.on_device.get((id(param), k), pool.on_host.get((id(param), k)))
+            parts.append(self._views(page.to(param.device), stop - start))
+        whole = {key: torch.cat([part[key].reshape(-1) for part in parts]) for key in parts[0]}
+        return {k: v.view(self._state_shape(param, k)) for k, v in whole.items()}
+
+    def _set_state_tensors(self, param: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+        self._add_pages(param, tensors)
+
+    def _forget_state(self) -> None:
+        self.pools = {}

@@ -15,8 +15,16 @@ The QLoRA layer (their eq. 5), for every linear layer of the decoder:
     4. a ``PagedAdamW`` over the LoRA parameters (lr 2e-4, no weight decay, the paper's) lorabook.paged
 
 and returns ``(model, optimizer)``; ``add_qlora`` is steps 1-3 alone (``python -m lorabook.train --method
-qlora --optimizer paged_adamw``). Adapters save in PEFT's format (``lorabook.lora.peft_format.save_adapter``) like any other
-LoRA adapter: A and B do not depend on the base being 4-bit.
+qlora --optimizer paged_adamw``). Adapters save in PEFT's format (``lorabook.lora.peft_format.save_adapter``) like
+any other LoRA adapter: A and B do not depend on the base being 4-bit.
+
+Merging. The adapter was trained against the 4-bit base, so it belongs with dequant(W4), not with the 16-bit
+weights the base was quantized from (a common mistake with peft and unsloth, which costs accuracy):
+
+    merge_qlora(model)                    W ← dequant(W4) + ΔW              an nn.Linear in the weight's dtype
+    merge_qlora(model, requantize=True)   W4 ← NF4(dequant(W4) + ΔW)        a LinearNF4 again (peft's 4-bit merge)
+
+ΔW = (α / r) · B A is added in fp32. The re-quantized merge is 4-bit again, at the price of a new rounding.
 """
 from __future__ import annotations
 
@@ -24,11 +32,11 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_flag, check_module
-from .lora import add_lora, check_lora_targets
+from .lora import LoRALinear, active_adapter, adapter_names, add_lora, check_lora_targets, lora_layers
 from .models import check_checkpointing, enable_checkpointing
 from .paged import PagedAdamW
-from .quant.linear import quantize_model
-from .quant.nf4 import FLOAT_DTYPES, check_blocksize
+from .quant.linear import LinearNF4, quantize_model
+from .quant.nf4 import FLOAT_DTYPES, check_blocksize, dequantize_4bit, quantize_4bit
 
 
 def add_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
@@ -76,3 +84,68 @@ def prepare_qlora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: flo
     optimizer = PagedAdamW(trainable, lr=lr, weight_decay=weight_decay, page_bytes=page_bytes,
                            budget_bytes=budget_bytes)
     return model, optimizer
+
+
+def merged_weight(layer: LoRALinear, adapter_name: str | None) -> torch.Tensor:
+    """dequant(W4) + ΔW of a LoRA layer on a LinearNF4, in fp32 (out, in); ΔW = 0 where the layer lacks the
+    adapter (a new tensor, outside autograd)."""
+    with torch.no_grad():
+        W = dequantize_4bit(layer.base.quantized, torch.float32)  # (out, in)
+        if adapter_name in layer.lora_A:
+            W = W + layer.delta_weight(adapter_name).float()
+    return W
+
+
+def merge_qlora(model: nn.Module, requantize: bool = False, adapter_name: str | None = None,
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge the QLoRA adapter ``adapter_name`` (default: the active one) into the 4-bit base, in place; returns
+    the model with every LoRA-on-LinearNF4 layer replaced by a plain layer (the other adapters are dropped):
+
+        requantize=False   nn.Linear with weight dequant(W4) + ΔW in ``dtype`` (default: the dtype the weight
+                           had before it was quantized)
+        requantize=True    LinearNF4 of dequant(W4) + ΔW: the layer's blocksize, codebook, double quantization
+                           and compute dtype
+
+    Every new layer is built before any is swapped in: on an error the model is unchanged."""
+    check_module("model", model)
+    check_flag("requantize", requantize)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES} or None, got {dtype}")
+    layers = lora_layers(model)
+    on_4bit = {path: m for path, m in layers.items() if isinstance(m.base, LinearNF4)}
+    if not on_4bit:
+        raise ValueError("model has no LoRA layer on a 4-bit base (LinearNF4): nothing for merge_qlora to merge"
+                         + (f" (its LoRA layers wrap {type(next(iter(layers.values())).base).__name__}: use "
+                            "merge_lora or merge_and_unload)" if layers else
+                            " -- was it merged already? merge_qlora replaces those layers by plain ones"))
+    others = [path for path in layers if path not in on_4bit]
+    if others:
+        raise ValueError(f"merge_qlora merges LoRA on 4-bit layers; {others[:3]} carry LoRA on other layers: "
+                         "merge those with merge_lora first")
+    name = active_adapter(model) if adapter_name is None else adapter_name
+    if name is None or name not in adapter_names(model):
+        raise ValueError(f"unknown adapter_name {name!r}: the model has {adapter_names(model)}"
+                         if name is not None else f"no adapter is active; pass adapter_name (one of "
+                         f"{adapter_names(model)})")
+    replacements = {path: _merged_layer(m, name, requantize, dtype) for path, m in on_4bit.items()}
+    for path, layer in replacements.items():
+        model.set_submodule(path, layer)
+    return model
+
+
+def _merged_layer(layer: LoRALinear, adapter_name: str, requantize: bool, dtype) -> nn.Module:
+    base = layer.base
+    W = merged_weight(layer, adapter_name)  # (out, in) fp32
+    with torch.no_grad():
+        if requantize:
+            q = quantize_4bit(W.to(base.weight_dtype), blocksize=base.blocksize, codebook=base.codebook,
+                              double_quant=base.weight_absmax_codes is not None)
+            return LinearNF4(q, base.bias, compute_dtype=base.compute_dtype)
+        dtype = base.weight_dtype if dtype is None else dtype
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=W.device,
+                           dtype=dtype)
+        merged.weight.copy_(W)
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+    return merged

@@ -61,10 +61,14 @@ def test_nf4_bench_quick_runs_and_every_lorabook_result_is_bit_exact():
 
 def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
     from lorabook.bench.paged import paged_bench
-    rows = {(r["case"], r["peer"]): r for r in paged_bench(quick=True)}  # a smoke test, not a timing
-    assert rows[("16 x 128^2 fp32 step", "torch AdamW foreach=False")]["exact"]
-    paging = rows[("16 x 128^2 fp32 step, budget 1/4", "state bytes")]
+    every = paged_bench(quick=True)  # a smoke test, not a timing
+    rows = {(r["case"], r["peer"], r["metric"]): r for r in every}
+    assert rows[("16 x 128^2 fp32 step", "torch AdamW foreach=False", "seconds")]["exact"]
+    paging = rows[("16 x 128^2 fp32 step, budget 1/4", "state bytes", "bytes paged in per step")]
     assert paging["ratio"] == 1.0 and paging["peak_device_bytes"] <= paging["peer_value"] / 4
+    eight = [r for r in every if "8-bit" in r["case"]]
+    assert len(eight) == 3 and all(r.get("exact", True) for r in eight)  # AdamW8bit and PagedAdamW8bit = bnb's
+    assert next(r for r in eight if r["metric"] == "bytes of state")["ratio"] == 1.0
 
 
 def test_qlora_step_bench_quick_builds_the_same_model_twice():

@@ -28,6 +28,7 @@ output may lag by 120 s; nbgrader's defaults, 30 s and 4 s, are too short for th
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,15 +191,26 @@ def with_solution(nb, grade_id: str, body: str):
 
 
 def nbgrader_cli(*commands: list[str], cwd: Path, env: dict) -> list[str]:
-    """Run ``nbgrader *args`` for each of ``commands`` at the same time (each starts a kernel); their stdouts."""
+    """Run ``nbgrader *args`` for each of ``commands`` at the same time (each starts a kernel); their stdouts.
+    Each kernel computes on one thread (side by side, two kernels of two threads each on two cores ran many times
+    slower); a run that overstays its timeout is killed, not left behind (its kernel, in a session of its own,
+    exits when its parent does: jupyter_client's JPY_PARENT_PID)."""
+    env = {**env, "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-m", "nbgrader", *args, f"--Execute.iopub_timeout={IOPUB_TIMEOUT}"],
-                             cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
             for args in commands]
     outs = []
-    for args, run in zip(commands, runs):
-        out, err = run.communicate(timeout=900)
-        assert run.returncode == 0, f"nbgrader {' '.join(args)}: exit {run.returncode}\n{out}\n{err}"
-        outs.append(out)
+    try:
+        for args, run in zip(commands, runs):
+            out, err = run.communicate(timeout=900)
+            assert run.returncode == 0, f"nbgrader {' '.join(args)}: exit {run.returncode}\n{out}\n{err}"
+            outs.append(out)
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
     return outs
 
 

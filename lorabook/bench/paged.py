@@ -12,6 +12,8 @@ The parameters: 16 matrices of 1024 × 1024 fp32 (16.8 M parameters, 134 MB of A
                                                                    of it (a cyclic sweep defeats LRU)
     lorabook AdamW8bit       vs bitsandbytes AdamW8bit             8-bit m and v (blocks of 256): time, exact, and
                                                                    the bytes of state each keeps
+    lorabook PagedAdamW8bit  vs bitsandbytes PagedAdamW8bit        the 8-bit state in pages, budget 1/4 of it
+                                                                   (bitsandbytes does not page on a CPU)
 
 ``exact`` compares the parameters after 3 steps from the same start. On a CPU "device" and "host" are one memory,
 so a page move is a memcpy; on a GPU it is a PCIe copy, and the paging row is the one to watch.
@@ -24,8 +26,8 @@ import torch
 
 from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, threads
-from ..adamw8bit import AdamW8bit
-from ..paged import PagedAdamW, PageStats
+from ..adamw8bit import AdamW8bit, state8_bytes
+from ..paged import PagedAdamW, PagedAdamW8bit, PageStats
 
 LR = 1e-3
 
@@ -64,6 +66,7 @@ def _paged_bench(quick: bool) -> list[dict]:
     dev = bench_device()
     state_bytes = 2 * 4 * 16 * (128 if quick else 1024) ** 2  # m and v, fp32
     page_bytes = 2 ** 16 if quick else 2 ** 20
+    state8 = 16 * state8_bytes((128 if quick else 1024) ** 2)  # AdamW8bit's: 2 bytes per parameter + 8 per block
     makers = {
         "lorabook": lambda ps: PagedAdamW(ps, lr=LR, page_bytes=page_bytes),
         "lorabook budget 1/4": lambda ps: PagedAdamW(ps, lr=LR, page_bytes=page_bytes, budget_bytes=state_bytes // 4),
@@ -72,9 +75,13 @@ def _paged_bench(quick: bool) -> list[dict]:
         "bnb": lambda ps: bitsandbytes.optim.PagedAdamW(ps, lr=LR),
         "lorabook 8bit": lambda ps: AdamW8bit(ps, lr=LR),
         "bnb 8bit": lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=LR),
+        "lorabook paged 8bit": lambda ps: PagedAdamW8bit(ps, lr=LR, page_bytes=page_bytes,
+                                                         budget_bytes=state8 // 4),
+        "bnb paged 8bit": lambda ps: bitsandbytes.optim.PagedAdamW8bit(ps, lr=LR),
     }
     results = {name: _after_steps(make, quick, dev) for name, make in makers.items()}
     ours = lambda name: "lorabook 8bit" if name.endswith("8bit") else "lorabook"  # noqa: E731  what it is compared with
+    # (the paged 8-bit result is compared with bitsandbytes' 8-bit one, like every "8bit" row: all must be equal)
     exact = {name: all(torch.equal(a, b) for a, b in zip(results[ours(name)], result)) for name, result in results.items()}
     optimizers = {name: make(_parameters(quick, dev)) for name, make in makers.items()}
     for optimizer in optimizers.values():
@@ -102,4 +109,9 @@ def _paged_bench(quick: bool) -> list[dict]:
     rows += [row(f"{case}, 8-bit state", "seconds", t["lorabook 8bit"].median, label8, t["bnb 8bit"].median,
                  exact=exact["bnb 8bit"], paired_ratio=paired_ratio(t["lorabook 8bit"], t["bnb 8bit"], repeat)),
              row(f"{case}, 8-bit state", "bytes of state", held["lorabook 8bit"], label8, held["bnb 8bit"])]
+    rows += [row(f"{case}, 8-bit state in pages, budget 1/4", "seconds", t["lorabook paged 8bit"].median,
+                 f"bitsandbytes {bitsandbytes.__version__} PagedAdamW8bit" + (" (unpaged on CPU)" if dev.type == "cpu"
+                                                                              else ""),
+                 t["bnb paged 8bit"].median, exact=exact["bnb paged 8bit"] and exact["lorabook paged 8bit"],
+                 paired_ratio=paired_ratio(t["lorabook paged 8bit"], t["bnb paged 8bit"], repeat))]
     return rows

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 
 from .._checks import bad_choice, check_number, check_positive_int
+from ..adamw8bit import CHUNK, MIN_8BIT_SIZE, SCRATCH_BYTES_PER_ELEMENT, state8_bytes
 from .activations import layer_backward, layer_saved
 from .spec import as_spec, lora_modules
 
@@ -138,7 +139,7 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str
     if dtype not in DTYPES:
         raise bad_choice("dtype", dtype, DTYPES)
     if optimizer == "adamw8bit":
-        return sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 8 * n for n in sizes)
+        return sum(state8_bytes(n) for n in sizes)
     state = 4 if dtype == "mixed" or optimizer in ("paged_adamw", "lion") else _BYTES[dtype]
     counters = 4 * len(sizes) if optimizer in ("adam", "adamw", "rmsprop") else 0
     return _STATES[optimizer] * state * sum(sizes) + counters
@@ -287,6 +288,10 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     per_tensor = {"rmsprop": 1, "adam": 2, "adamw": 2, "lion": 3}.get(optimizer, 0)
     if optimizer == "lion":
         scratch = per_tensor * 4 * big if device == "cpu" else 0
+    elif optimizer == "adamw8bit":  # lorabook's AdamW8bit: CHUNK elements at a time in fp32; 32-bit path: 2 temps
+        big8 = max((n for n in trainable if n >= MIN_8BIT_SIZE), default=0)
+        big32 = max((n for n in trainable if n < MIN_8BIT_SIZE), default=0)
+        scratch = max(SCRATCH_BYTES_PER_ELEMENT * min(big8, CHUNK), 8 * big32) if device == "cpu" else 0
     else:
         scratch = per_tensor * s * big if device == "cpu" else min(per_tensor, 1) * s * P_train
     parts["optimizer: step scratch (transient)"] = scratch

@@ -89,22 +89,34 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     _check_8bit_args(x, code, blocksize)
     flat = x.reshape(-1).float()  # (n,)
     n = flat.numel()
-    n_blocks = -(-n // blocksize)
-    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=x.device)
-    padded[:n] = flat  # zero padding changes neither the last block's absmax nor its other codes
-    blocks = padded.view(n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    whole = n // blocksize * blocksize  # elements in full blocks; a shorter last block is handled on its own
+    absmax = torch.cat([flat[:whole].view(-1, blocksize).abs().amax(dim=1),
+                        flat[whole:].abs().amax().view(1)] if whole < n else
+                       [flat.view(-1, blocksize).abs().amax(dim=1)])  # (n_blocks,)
     if not torch.isfinite(absmax).all():
         raise ValueError("x contains NaN or Inf")
     nonzero = absmax > 0
     inverse = 1.0 / torch.where(nonzero, absmax, torch.ones((), device=x.device))  # (n_blocks,) 1 / absmax
-    unit = (blocks * inverse[:, None]).clamp_(-1.0, 1.0)  # (n_blocks, blocksize) in [-1, 1]
-    grid_index = ((unit + 1.0) * 0.5 * float(GRID_POINTS - 1) + 0.5).to(torch.int32)  # truncation, like C
+    unit = _per_block(flat, inverse, blocksize).clamp_(-1.0, 1.0)  # (n,) x / absmax of its block, in [-1, 1]
+    grid_index = unit.add_(1.0).mul_(0.5).mul_(float(GRID_POINTS - 1)).add_(0.5).to(torch.int32)  # C's truncation
     grid_index.clamp_(0, GRID_POINTS - 1)  # NaN (0 · inf, a subnormal absmax) -> 0, as C's cast on x86
-    codes = _grid_codes(code.cpu()).to(x.device)[grid_index]  # (n_blocks, blocksize) uint8
-    codes[~nonzero] = 0  # an all-zero block: code 0, absmax 0 (bitsandbytes' convention)
-    flat_codes = codes.view(-1)[:n] if n == codes.numel() else codes.view(-1)[:n].clone()  # no padded storage kept
-    return flat_codes.view(x.shape), absmax
+    del unit  # (its memory is free before the codes are made: an optimizer step's scratch is 4 bytes less)
+    codes = _grid_codes(code).to(x.device).index_select(0, grid_index)  # (n,) uint8
+    if not nonzero.all():  # an all-zero block: code 0, absmax 0 (bitsandbytes' convention)
+        codes.masked_fill_((~nonzero).repeat_interleave(blocksize)[:n], 0)
+    return codes.view(x.shape), absmax
+
+
+def _per_block(flat: torch.Tensor, per_block: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """flat · per_block[its block], a new (n,) fp32 tensor (no padding to whole blocks)."""
+    n = flat.numel()
+    whole = n // blocksize * blocksize
+    out = torch.empty(n, dtype=torch.float32, device=flat.device)
+    torch.mul(flat[:whole].view(-1, blocksize), per_block[:whole // blocksize, None],
+              out=out[:whole].view(-1, blocksize))
+    if whole < n:
+        torch.mul(flat[whole:], per_block[-1], out=out[whole:])
+    return out
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
@@ -118,10 +130,12 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     if absmax.shape != (n_blocks,):
         raise ValueError(f"absmax has shape {tuple(absmax.shape)}, but {n} codes in blocks of {blocksize} need "
                          f"({n_blocks},)")
-    values = code.to(codes.device)[codes.reshape(-1).long()]  # (n,) fp32
-    padded = torch.zeros(n_blocks * blocksize, dtype=torch.float32, device=codes.device)
-    padded[:n] = values
-    return (padded.view(n_blocks, blocksize) * absmax[:, None]).view(-1)[:n].view(codes.shape)
+    values = code.to(codes.device).index_select(0, codes.reshape(-1).int())  # (n,) fp32
+    whole = n // blocksize * blocksize
+    values[:whole].view(-1, blocksize).mul_(absmax[:whole // blocksize, None])
+    if whole < n:
+        values[whole:].mul_(absmax[-1])
+    return values.view(codes.shape)
 
 
 @dataclass
