@@ -232,7 +232,7 @@ def test_the_step_scratch_is_bounded_by_the_chunk():
     for chunk in (16 * BLOCKSIZE, 4 * BLOCKSIZE):
         p = torch.nn.Parameter(torch.zeros(16 * BLOCKSIZE))
         opt = AdamW8bit([p], chunk=chunk, min_8bit_size=1)
-        p.grad = torch.randn(p.shape)
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(0))
         opt.step()
         tracker = MemTracker()
         tracker.track_external(p, opt)
