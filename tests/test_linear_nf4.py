@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import assert_same, poison_last_linear, snapshot
 from lorabook.quant import LinearNF4, quantize_model
+from lorabook.quant.linear import compute_linear
 from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers, merge_lora, merged_adapter
 from lorabook.models import chat
 from lorabook.quant.nf4 import dequantize_4bit, quantize_4bit
@@ -107,6 +108,39 @@ def test_bf16_compute_with_fp32_adapters():
     assert y.dtype == torch.float32 and base(x.bfloat16()).dtype == torch.bfloat16
     expected = F.linear(x, base.dequantize().float()) + base.bias + x @ layer.delta_weight().T
     torch.testing.assert_close(y, expected, atol=0.05, rtol=0.02)
+
+
+def within_one_ulp(y, exact, mantissa_bits, atol=1e-4):
+    """|y - exact| <= one unit in the last place of a 16-bit float at exact's size (+ atol for fp32 sums near 0)."""
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - mantissa_bits)
+    return bool(((y.double() - exact).abs() <= ulp + atol).all())
+
+
+@pytest.mark.parametrize("dtype, mantissa_bits", [(torch.bfloat16, 7), (torch.float16, 10)])
+def test_a_16bit_linear_on_the_cpu_accumulates_in_fp32(dtype, mantissa_bits):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 9, 256), (96, 256), (96,)))
+    fast, native = compute_linear(x, w, b), compute_linear(x, w, b, backend="native")
+    assert fast.dtype == native.dtype == dtype
+    assert torch.equal(fast, compute_linear(x, w, b, backend="fp32-accumulate"))  # "auto" on the CPU
+    exact = F.linear(x.double(), w.double(), b.double())  # the 16-bit values, multiplied and summed exactly
+    assert within_one_ulp(fast, exact, mantissa_bits) and within_one_ulp(native, exact, mantissa_bits)
+    assert within_one_ulp(fast, native.double(), mantissa_bits)  # the two differ only in the order of the sums
+    x32, w32 = x.float(), w.float()
+    assert torch.equal(compute_linear(x32, w32), F.linear(x32, w32))  # fp32 is torch's GEMM, whatever the backend
+    with pytest.raises(ValueError, match="backend must be one of"):
+        compute_linear(x, w, backend="bf16")
+
+
+def test_bf16_layer_forward_and_backward_use_compute_linear():
+    layer = LinearNF4.from_linear(seeded_linear(128, 64), compute_dtype=torch.bfloat16)
+    x = torch.randn(8, 128, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    y = layer(x)
+    w = layer.dequantize()  # (64, 128) bf16
+    assert torch.equal(y, compute_linear(x.detach(), w, layer.bias.bfloat16()))
+    g = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y.backward(g)
+    assert torch.equal(x.grad, compute_linear(g, w.t()))
 
 
 def test_merging_into_a_4bit_base_is_a_clear_error(tiny):

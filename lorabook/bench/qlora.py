@@ -9,7 +9,12 @@ head in NF4 with double quantization and bf16 compute, LoRA r = 8 (α = 16) on a
 
 Timed: forward + backward + ``zero_grad`` (the optimizer is not the question here: ``bench paged`` times it).
 ``loss_diff`` is |loss_lorabook − loss_peer| on the same batch: the two dequantize to the same bf16 weights
-(bit-exact NF4), so what differs is only the order of the LoRA arithmetic.
+(bit-exact NF4), so what differs is only the order of the LoRA arithmetic (and, on the CPU, of the base's
+sums: ``lorabook.quant.linear.compute_linear`` accumulates a bf16 GEMM in fp32 BLAS).
+
+A second case times that choice alone: one bf16 layer of SmolLM2's MLP shape (576 -> 1536, 2 × 128 tokens),
+forward ``x Wᵀ`` and backward ``g W``, by ``compute_linear`` ("auto") against torch's own bf16 GEMM ("native").
+``max_ulp_diff`` is the largest difference between the two, in units of bf16's last place.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.nn as nn
 from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, step_batch, threads
 from ..qlora import add_qlora
+from ..quant.linear import compute_linear
 
 RANK, ALPHA = 8, 16
 
@@ -82,4 +88,26 @@ def _qlora_step(quick: bool) -> list[dict]:
     return [row(f"QLoRA r8 all-linear, b{B} s{T}", "seconds", t["lorabook"].median, peer, t["peer"].median,
                 paired_ratio=paired_ratio(t["lorabook"], t["peer"], repeat),
                 loss_diff=abs(losses["lorabook"] - losses["peer"])),
-            row(f"QLoRA r8 all-linear, b{B} s{T}", "trainable params", trainable(ours), peer, trainable(theirs))]
+            row(f"QLoRA r8 all-linear, b{B} s{T}", "trainable params", trainable(ours), peer, trainable(theirs)),
+            _gemm_row(quick, dev)]
+
+
+def _gemm_row(quick: bool, dev) -> dict:
+    g = torch.Generator().manual_seed(0)
+    tokens, d_in, d_out = (64, 64, 192) if quick else (256, 576, 1536)  # SmolLM2's up_proj: 576 -> 1536
+    x, w, grad = (torch.randn(*shape, generator=g).bfloat16().to(dev)
+                  for shape in ((tokens, d_in), (d_out, d_in), (tokens, d_out)))
+
+    def layer(backend: str):
+        return lambda: (compute_linear(x, w, backend=backend), compute_linear(grad, w.t(), backend=backend))
+    runs = {"auto": layer("auto"), "native": layer("native")}
+    outputs = {name: run() for name, run in runs.items()}
+    ulp = lambda t: torch.exp2(torch.floor(torch.log2(t.float().abs().clamp_min(1e-30))) - 7)  # noqa: E731
+    max_ulp = max(((a.float() - b.float()).abs() / ulp(b)).max().item()
+                  for a, b in zip(outputs["auto"], outputs["native"]))
+    repeat = 1 if quick else 3
+    t = interleaved({name: (nothing, run, nothing) for name, run in runs.items()},
+                    rounds=2 if quick else 5, repeat=repeat, warmup=1, device=dev)
+    return row(f"bf16 linear fwd+bwd {d_in}->{d_out}, {tokens} tokens", "seconds", t["auto"].median,
+               f"torch {torch.__version__.split('+')[0]} bf16 GEMM", t["native"].median,
+               paired_ratio=paired_ratio(t["auto"], t["native"], repeat), max_ulp_diff=max_ulp)

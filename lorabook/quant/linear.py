@@ -7,7 +7,8 @@ QLoRA's layer computes
 
 This module is the first term: the weight lives as ``lorabook.quant.nf4.QuantizedTensor`` (0.5 bytes per weight plus
 ≈ 0.127 bits of double-quantized constants) and every forward dequantizes it to ``compute_dtype`` and runs one
-``F.linear``. The backward dequantizes again instead of keeping the full-precision weight from the forward, which
+``F.linear`` (``compute_linear``: on the CPU a 16-bit one accumulates in fp32, as 16-bit matrix units do). The
+backward dequantizes again instead of keeping the full-precision weight from the forward, which
 would cost the memory that 4-bit storage saves. The weight and the bias are frozen; the trainable low-rank term
 ``X L1 L2`` is a ``lorabook.lora.LoRALinear`` wrapped around this layer (it cannot be merged into 4-bit codes).
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_flag, check_module
+from .._checks import check_choice, check_flag, check_module
 from .double_quant import DoubleQuantState
 from ..lora.layer import BaseLayer
 from ..lora.model import output_head_name
@@ -29,17 +30,43 @@ from .nf4 import FLOAT_DTYPES, QuantizedTensor, check_blocksize, dequantize_4bit
 _FP32_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_absmax_offset")
 
 
+LINEAR_BACKENDS = ("auto", "native", "fp32-accumulate")
+
+
+def compute_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:  # x (..., in), weight (out, in) -> (..., out)
+    """``F.linear(x, weight, bias)`` in x's dtype (weight and bias in the same one), computed by ``backend``:
+
+        "native"           torch's own GEMM in that dtype
+        "fp32-accumulate"  the same 16-bit values multiplied in fp32 and the result rounded once to x's dtype:
+                           what 16-bit matrix units do (each bf16 or fp16 product is exact in fp32, the sums are
+                           fp32), in the fp32 BLAS's summation order
+        "auto"             "fp32-accumulate" for bf16 and fp16 on the CPU, else "native"
+
+    The two agree to within one unit in the last place of the 16-bit result (only the order of the fp32 sums
+    differs; tests/test_quant_linear.py). Why "auto" does not take torch's own CPU bf16 GEMM: on a CPU without
+    AVX512-BF16 or AMX it is a slow generic loop (``python -m lorabook.bench qlora-step`` times both on a layer of
+    SmolLM2's shape)."""
+    backend = check_choice("backend", backend, LINEAR_BACKENDS)
+    if backend == "auto":
+        sixteen_bit_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        backend = "fp32-accumulate" if sixteen_bit_on_cpu else "native"
+    if backend == "native" or x.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
 class _DequantizeLinear(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized on the fly; the backward dequantizes W again (nothing (out, in) is saved)."""
 
     @staticmethod
     def forward(ctx, x, q: QuantizedTensor, bias, dtype: torch.dtype):  # x (..., in) -> (..., out)
         ctx.q, ctx.dtype = q, dtype
-        return F.linear(x, dequantize_4bit(q, dtype), bias)
+        return compute_linear(x, dequantize_4bit(q, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (..., out) -> grad_x (..., in); W and b are frozen
-        grad_x = grad_out @ dequantize_4bit(ctx.q, ctx.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = compute_linear(grad_out, dequantize_4bit(ctx.q, ctx.dtype).t()) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
 
