@@ -232,17 +232,28 @@ class AdamW8bit(torch.optim.Optimizer):
             saved["state"][index] = {"step": entry["step"], QUANT_STATE_KEY: nested}
         return saved
 
-    def load_state_dict(self, state_dict) -> None:
-        """Load a ``state_dict`` of this class or of ``bitsandbytes.optim.AdamW8bit`` (its qmap1 / qmap2 must be
-        the dynamic maps used here). Everything is checked first: on an error the optimizer is unchanged."""
+    def check_state_dict(self, state_dict) -> dict:
+        """``state_dict`` (this class's or ``bitsandbytes.optim.AdamW8bit``'s) checked against this optimizer's
+        parameters, with its state flat (per parameter ``step`` and the state tensors); raises ValueError naming what
+        does not fit. Changes nothing."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state", {}), dict):
+            raise ValueError(f"state_dict must be an optimizer state_dict (a dict with 'state' and 'param_groups'), "
+                             f"got {type(state_dict).__name__}")
         params = [p for group in self.param_groups for p in group["params"]]
         flat = {index: {**{k: v for k, v in entry.items() if k != QUANT_STATE_KEY}, **entry.get(QUANT_STATE_KEY, {})}
                 for index, entry in state_dict.get("state", {}).items()}  # nested (bitsandbytes') or flat
-        state_dict = {**state_dict, "state": flat}
-        for index, entry in state_dict["state"].items():
+        for index, entry in flat.items():
             if not isinstance(index, int) or not 0 <= index < len(params):
                 raise ValueError(f"state_dict has state for parameter {index!r}; this optimizer has {len(params)}")
             self._check_entry(index, entry, params[index])
+        return {**state_dict, "state": flat}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a ``state_dict`` of this class or of ``bitsandbytes.optim.AdamW8bit`` (its qmap1 / qmap2 must be
+        the dynamic maps used here). Everything is checked first (``check_state_dict``): on an error the optimizer
+        is unchanged."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        state_dict = self.check_state_dict(state_dict)
         # torch's Optimizer.load_state_dict would cast every state tensor to the parameter's dtype (the uint8 codes
         # too): it loads the groups only, and the state is set here, copied onto each parameter's device
         super().load_state_dict({**state_dict, "state": {}})

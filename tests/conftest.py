@@ -42,10 +42,14 @@ def snapshot(model) -> dict:
 
 
 def optimizer_snapshot(optimizer) -> dict:
-    """An optimizer's state (every slot's bytes) and its param groups' settings."""
+    """An optimizer's state (every slot's bytes; an 8-bit state's nested tensors too) and its param groups'
+    settings."""
     saved = optimizer.state_dict()
-    return {"state": {i: {k: (torch.as_tensor(v).dtype, bits(torch.as_tensor(v))) for k, v in slots.items()}
-                      for i, slots in saved["state"].items()},
+    def slot(v):
+        if isinstance(v, dict):
+            return {k: slot(t) for k, t in v.items()}
+        return torch.as_tensor(v).dtype, bits(torch.as_tensor(v))
+    return {"state": {i: {k: slot(v) for k, v in slots.items()} for i, slots in saved["state"].items()},
             "groups": [{k: v for k, v in g.items()} for g in saved["param_groups"]]}
 
 

@@ -330,3 +330,61 @@ def test_merge_qlora_bad_input_changes_nothing(make, kwargs, error, match):
         merge_qlora(model, **kwargs)
     if before is not None:
         assert_same(snapshot(model), before)
+
+
+# ---- the merge experiment (notebook 07 §4): the variants, their logits, the whole run on the tiny model ----------
+
+from lorabook.experiments import qlora_merge  # noqa: E402
+from lorabook.quant import set_compute_dtype  # noqa: E402
+
+
+def test_merge_variants_and_their_logits():
+    model = trained_qlora(compute_dtype=torch.bfloat16)
+    base = tiny_llama(0)  # the fp32 weights trained_qlora quantized
+    before = snapshot(model), snapshot(base)
+    models = qlora_merge.variants(model, base)
+    assert list(models) == list(qlora_merge.VARIANTS) and models["unmerged"] is model
+    assert_same(snapshot(model), before[0]) and assert_same(snapshot(base), before[1])  # neither is changed
+    ids = ids_for(model, 1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch["labels"][:, :5] = -100  # a prompt of five tokens: not scored
+    reference = set_compute_dtype(copy.deepcopy(model), torch.float32)
+    result = qlora_merge.compare_logits(models, reference, batch)
+    assert result["merged"]["max_abs"] < 1e-4 and result["merged"]["same_top1"] == 1.0  # dequant(W4) + ΔW: exact
+    assert 0 < result["unmerged"]["max_abs"] < result["no adapter"]["max_abs"]  # bf16 rounding only
+    assert result["requantized"]["rel_norm"] > result["merged"]["rel_norm"] * 10  # NF4 rounds W' + ΔW again
+    assert result["wrong"]["rel_norm"] > result["merged"]["rel_norm"] * 10  # W + ΔW is not W' + ΔW
+    assert all(0 <= r["same_top1"] <= 1 for r in result.values())
+
+
+def test_set_compute_dtype():
+    model = quantize_model(tiny_llama(0), compute_dtype=torch.bfloat16)
+    assert set_compute_dtype(model, torch.float32) is model
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, LinearNF4)} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        set_compute_dtype(model, torch.int8)
+    with pytest.raises(ValueError, match="no LinearNF4 layer"):
+        set_compute_dtype(tiny_llama(0), torch.float32)
+    with pytest.raises(TypeError, match="model"):
+        set_compute_dtype("model", torch.float32)
+
+
+def test_merge_experiment_on_the_tiny_model():
+    result = qlora_merge.merge(n=2, n_logits=2, steps=1, model_name="tiny")
+    assert list(result["eval"]) == list(qlora_merge.VARIANTS) and result["eval_n"] == 2
+    assert all(len(e["predictions"]) == 2 and 0 <= e["same_as_unmerged"] <= 2 for e in result["eval"].values())
+    assert result["eval"]["unmerged"]["same_as_unmerged"] == 2 and result["logits"]["answer_tokens"] > 0
+    assert result["logits"]["by_variant"]["merged"]["max_abs"] < 1e-3
+
+
+@pytest.mark.parametrize("kwargs, match", [({"n": 0}, "n"), ({"n_logits": 0}, "n_logits"), ({"threads": 0}, "threads")])
+def test_merge_experiment_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        qlora_merge.merge(model_name="tiny", **kwargs)
+
+
+def test_merge_cli_dry_run(capsys):
+    import argparse
+    args = argparse.Namespace(tables=["merge", "qlora"], dry_run=True)
+    assert qlora_merge.cli(args) is False and args.tables == ["qlora"]
+    assert "qlora_merge.json" in capsys.readouterr().out

@@ -74,6 +74,56 @@ def test_paged_adamw_trains_bit_for_bit_like_adamw_and_resumes(tmp_path):
     assert h3.loss == h1.loss and all(torch.equal(p, q) for p, q in zip(plain.parameters(), resumed.parameters()))
 
 
+def tiny_full(seed=0):
+    """The tiny Llama, every weight trainable: its 256 x 64 embedding (16,384 elements) gets 8-bit AdamW state."""
+    torch.manual_seed(seed)
+    return tiny_llama(seed=seed, vocab_size=len(TOK), max_seq_len=512).requires_grad_(True)
+
+
+@pytest.mark.parametrize("kind", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_adamw_trains_and_resumes_bit_for_bit(tmp_path, kind):
+    kw = dict(steps=4, lr=5e-3, batch_size=2, **SHORT)
+    straight = tiny_full()
+    h1 = T.train(straight, EXAMPLES, TOK, optimizer=kind, **kw)
+    plain = tiny_full()
+    h0 = T.train(plain, EXAMPLES, TOK, **kw)  # 32-bit AdamW: 8-bit state rounds m and v, so the curves part a little
+    assert h1.loss[0] == h0.loss[0] and h1.loss != h0.loss and abs(h1.loss[-1] - h0.loss[-1]) < 0.05 * h0.loss[-1]
+    T.train(tiny_full(), EXAMPLES, TOK, optimizer=kind, checkpoint_dir=tmp_path, stop_after=2, **kw)
+    with safe_open(str(tmp_path / T.CKPT_NAME), framework="pt") as f:
+        nested = [k for k in f.keys() if ".__bnb_optimizer_quant_state__." in k]
+    assert any(k.endswith(".state1") for k in nested) and any(k.endswith(".absmax1") for k in nested)
+    resumed = tiny_full(seed=1)  # other weights: the checkpoint must overwrite them
+    h3 = T.train(resumed, EXAMPLES, TOK, optimizer=kind, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert h3.loss == h1.loss and all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("absmax1", lambda t: t[:-1], "absmax1 must be torch.float32 with"),
+    ("state1", lambda t: t.float(), "state1 must be torch.uint8"),
+])
+def test_a_bad_8bit_checkpoint_is_refused_with_nothing_changed(tmp_path, key, value, match):
+    from safetensors.torch import save_file
+    from conftest import optimizer_snapshot
+
+    kw = dict(steps=3, lr=5e-3, batch_size=2, **SHORT)
+    T.train(tiny_full(), EXAMPLES, TOK, optimizer="adamw8bit", checkpoint_dir=tmp_path, stop_after=2, **kw)
+    file = tmp_path / T.CKPT_NAME
+    with safe_open(str(file), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in tensors if k.endswith(f".__bnb_optimizer_quant_state__.{key}"))
+    tensors[name] = value(tensors[name]).contiguous()
+    save_file(tensors, str(file), metadata=meta)
+    model = tiny_full(seed=1)
+    params = T.trainable_parameters(model)
+    optimizer = T.make_optimizer(params, 5e-3, 0.0, "adamw8bit")
+    T.optimizer_step(model, model, [data.collate(EXAMPLES[:2], TOK, 400)], optimizer, params, 5e-3, 1.0)
+    before, state = snapshot(model), optimizer_snapshot(optimizer)
+    with pytest.raises(ValueError, match=match):
+        T.load_checkpoint(tmp_path, params, optimizer)
+    assert_same(snapshot(model), before)
+    assert_same(optimizer_snapshot(optimizer), state)
+
+
 def test_cli_qlora_with_the_paged_optimizer(capsys):
     result = train_cli.main(["--model", "tiny", "--method", "qlora", "--targets", "all-linear", "--rank", "4",
                      "--optimizer", "paged_adamw", "--steps", "2", "--batch-size", "2", "--max-len", "400",
@@ -150,7 +200,8 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
     (dict(schedule="linear"), "schedule"), (dict(min_lr_ratio=2), "min_lr_ratio"), (dict(stop_after=9), "stop_after"),
     (dict(eval_every=2), "eval_examples"), (dict(resume=True), "checkpoint_dir"),
     (dict(batch_size=100), "batch_size=100 exceeds"), (dict(weight_decay=-1), "weight_decay"),
-    (dict(optimizer="sgd"), "optimizer must be one of \\['adamw', 'paged_adamw'\\], got 'sgd'"),
+    (dict(optimizer="sgd"),
+     "optimizer must be one of \\['adamw', 'paged_adamw', 'adamw8bit', 'paged_adamw8bit'\\], got 'sgd'"),
     # numbers are numbers: no NaN, no Inf, no bool where an int goes
     (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"), (dict(lr=float("nan")), "lr must be a finite"),
     (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),

@@ -1,5 +1,5 @@
-"""``python -m lorabook.experiments table1 | subspace | table2 table5 table6 qlora [--shard k/n] [--dry-run]``: the
-sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments`` and its ``subspace``)."""
+"""``python -m lorabook.experiments table1 | subspace | transfer | merge | table2 table5 table6 qlora [--shard k/n]
+[--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments`` and its ``subspace``)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from .qlora_eval import cli as transfer  # notebook 07's adapter on three bases -> data/qlora_transfer.json
     if "transfer" in args.tables and transfer(args):
+        return
+    from .qlora_merge import cli as merge  # notebook 07's adapter merged three ways -> data/qlora_merge.json
+    if "merge" in args.tables and merge(args):
         return
     if "table1" in args.tables:
         args.tables.remove("table1")

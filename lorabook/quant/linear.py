@@ -182,3 +182,18 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     for name, layer in quantized.items():
         model.set_submodule(name, layer)
     return model
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every ``LinearNF4`` in ``model`` computes in ``dtype`` from now on (in place; the 4-bit codes and constants
+    are untouched): bitsandbytes' ``bnb_4bit_compute_dtype``, changed after loading. Returns the model."""
+    check_module("model", model)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    if not layers:
+        raise ValueError("model has no LinearNF4 layer: nothing computes in a compute dtype")
+    for layer in layers:
+        layer.compute_dtype = dtype
+    return model
+

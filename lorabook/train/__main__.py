@@ -26,7 +26,8 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--steps", int, 30, "optimizer steps"), ("--lr", float, 3e-3, "peak learning rate"),
     ("--rank", int, 8, "lora/qlora: rank r"), ("--alpha", float, 16, "lora/qlora: alpha (the scale is alpha/r)"),
     ("--targets", str, "q_proj,v_proj", "lora/qlora: comma-separated layer names, or all-linear"),
-    ("--optimizer", str, "adamw", "adamw or paged_adamw (lorabook.paged: the same updates, state in pages)"),
+    ("--optimizer", str, "adamw", "adamw, paged_adamw (lorabook.paged: the same updates, state in pages), adamw8bit "
+     "(8-bit m and v, bitsandbytes' numbers) or paged_adamw8bit"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
     ("--prefix-text", str, None, "prefix: start from this text's keys/values (its first n-prefix tokens), not noise"),
     ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),

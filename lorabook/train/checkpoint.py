@@ -1,16 +1,17 @@
 """Training checkpoints: one safetensors file that lets a run resume and reproduce the same loss curve.
 
-What must come back for the curve to continue bit for bit: the trainable weights, AdamW's two moments and
-step per tensor, its hyper-parameters, the random-number state (dropout, data order) and the loop's own
-state (step, history). Everything is a tensor in ``checkpoint.safetensors`` or JSON in its metadata: no
-pickle. The file is written as one unit (``lorabook._io.write_file``: a temp file beside it, renamed into place),
-so a crash never leaves half a checkpoint, and a failed save leaves the previous one loadable.
+What must come back for the curve to continue bit for bit: the trainable weights, AdamW's two moments (8-bit
+AdamW: their codes and block absmax, nested one level down as bitsandbytes nests them) and step per tensor, its
+hyper-parameters, the random-number state (dropout, data order) and the loop's own state (step, history).
+Everything is a tensor in ``checkpoint.safetensors`` or JSON in its metadata: no pickle. The file is written as
+one unit (``lorabook._io.write_file``: a temp file beside it, renamed into place), so a crash never leaves half a
+checkpoint, and a failed save leaves the previous one loadable.
 
 Loading is read, check, then change: ``read_checkpoint`` parses the whole file and checks it against the
-trainable parameters (names, shapes, dtypes), the optimizer (its param_groups, and every state slot's shape), the
-RNG state and the run's settings, changing nothing; ``apply_checkpoint`` then writes it into the parameters, the
-optimizer and the RNG. A bad checkpoint therefore raises with the model and the optimizer exactly as they were.
-``load_checkpoint`` is the two in one call.
+trainable parameters (names, shapes, dtypes), the optimizer (its param_groups, and every state slot's shape; an
+8-bit optimizer checks its own layout, ``check_state_dict``), the RNG state and the run's settings, changing
+nothing; ``apply_checkpoint`` then writes it into the parameters, the optimizer and the RNG. A bad checkpoint
+therefore raises with the model and the optimizer exactly as they were. ``load_checkpoint`` is the two in one call.
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def save_checkpoint(path: Path | str, params: dict, optimizer, state: dict) -> P
     opt = optimizer.state_dict()
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, slots in opt["state"].items():  # i: the parameter's position in the optimizer
-        for key, value in slots.items():
-            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+        for key, value in slots.items():  # an 8-bit state nests its tensors one level down: optim.i.key.name
+            for name, t in (value.items() if isinstance(value, dict) else [("", value)]):
+                tensors[f"optim.{i}.{key}" + (f".{name}" if name else "")] = torch.as_tensor(t).cpu().contiguous()
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -120,7 +122,18 @@ def _optimizer_state(file: Path, tensors: dict, groups: list, optimizer) -> dict
             index, _, slot = key[len("optim."):].partition(".")
             if not index.isdigit() or not slot:
                 raise ValueError(f"checkpoint {file}: tensor {key!r} is not optim.<index>.<slot>")
-            state.setdefault(int(index), {})[slot] = value
+            slot, _, name = slot.partition(".")
+            entry = state.setdefault(int(index), {})
+            if name:
+                entry.setdefault(slot, {})[name] = value
+            else:
+                entry[slot] = value
+    if hasattr(optimizer, "check_state_dict"):  # AdamW8bit and PagedAdamW8bit check their own (8-bit) layout
+        try:
+            optimizer.check_state_dict({"state": state, "param_groups": groups})
+        except ValueError as e:
+            raise ValueError(f"checkpoint {file}: the optimizer state does not fit this optimizer: {e}") from None
+        return state
     problems, slots = [], {frozenset(s) for s in state.values()}
     if len(slots) > 1:
         problems.append(f"the parameters have different state slots: {sorted(sorted(s) for s in slots)}")

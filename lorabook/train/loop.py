@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from .. import baselines, data, qlora
 from .._checks import check_choice, check_flag, check_int, check_module, check_number, check_positive_int
-from ..paged import PagedAdamW
+from ..adamw8bit import AdamW8bit
+from ..paged import PagedAdamW, PagedAdamW8bit
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import distributed
 
@@ -170,19 +171,21 @@ class History:
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-TRAIN_OPTIMIZERS = ("adamw", "paged_adamw")
+TRAIN_OPTIMIZERS = {"adamw": torch.optim.AdamW, "paged_adamw": PagedAdamW, "adamw8bit": AdamW8bit,
+                    "paged_adamw8bit": PagedAdamW8bit}
 
 
 def make_optimizer(params: dict, lr: float, weight_decay: float, optimizer: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; decay only matrices (not biases, norms or other vectors).
 
-    optimizer: "adamw" (torch's) or "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages)."""
-    check_choice("optimizer", optimizer, TRAIN_OPTIMIZERS)
+    optimizer: "adamw" (torch's), "paged_adamw" (``lorabook.paged.PagedAdamW``: the same numbers, state in pages),
+    "adamw8bit" (``lorabook.adamw8bit.AdamW8bit``: m and v in 8 bits, bitsandbytes' numbers) or "paged_adamw8bit"
+    (``lorabook.paged.PagedAdamW8bit``: those, in pages)."""
+    check_choice("optimizer", optimizer, tuple(TRAIN_OPTIMIZERS))
     decay = [p for p in params.values() if p.dim() >= 2]
     rest = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    kind = PagedAdamW if optimizer == "paged_adamw" else torch.optim.AdamW
-    return kind([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return TRAIN_OPTIMIZERS[optimizer]([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_size: int = 8,
