@@ -388,3 +388,16 @@ def test_merge_cli_dry_run(capsys):
     args = argparse.Namespace(tables=["merge", "qlora"], dry_run=True)
     assert qlora_merge.cli(args) is False and args.tables == ["qlora"]
     assert "qlora_merge.json" in capsys.readouterr().out
+
+
+def test_requantization_stats():
+    model = trained_qlora()
+    stats = qlora_merge.requantization_stats(model)
+    assert 0 < stats["codes_changed"] < 1 and stats["error"] > 0 and stats["kept"] < 1
+    requantized = merge_qlora(copy.deepcopy(model), requantize=True)  # the same NF4(W' + ΔW) as the stats use
+    layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    again = requantized.get_submodule("model.layers.0.self_attn.q_proj")
+    w = merged_weight(layer, "default")
+    assert torch.equal(again.quantized.packed, quantize_4bit(w, double_quant=True).packed)
+    with pytest.raises(ValueError, match="no active LoRA adapter"):
+        qlora_merge.requantization_stats(add_qlora(tiny_llama(0), r=4, gradient_checkpointing=False))

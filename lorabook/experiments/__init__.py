@@ -38,7 +38,8 @@ from .._io import write_text
 from ..data import DATA_DIR as DATA
 
 __all__ = ["OUT", "LATENCY_OUT", "COMMON", "WEIGHTS", "PAPER", "RANKS", "PREFIX_TEXT", "BASELINES", "lora_run",
-           "tables", "pending_runs", "load", "summarise", "record", "write_json", "table_rows", "latency"]
+           "tables", "pending_runs", "load", "summarise", "record", "write_json", "file_command", "table_rows",
+           "latency"]
 OUT, LATENCY_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json"
 COMMON = ["--steps", "30", "--batch-size", "8", "--max-len", "160", "--warmup", "3", "--schedule", "cosine",
           "--eval-n", "100", "--threads", "1", "--no-before", "--no-progress", "--seed", "0"]
@@ -146,6 +147,20 @@ def record(path: Path, run: str, summary: dict) -> None:
 def write_json(path: Path, obj: dict) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
     write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def file_command(args, name: str, plan: str, run, out: Path, report) -> bool:
+    """``python -m lorabook.experiments <name>`` for an experiment that writes one file: removes ``name`` from
+    ``args.tables``; with ``args.dry_run`` prints ``plan``, else writes ``run()`` to ``out`` and prints
+    ``report(result)``. True when no other table is left to run."""
+    args.tables.remove(name)
+    if args.dry_run:
+        print(f"{name}: {plan} -> {out.name}")
+    else:
+        result = run()
+        write_json(out, result)
+        print(report(result))
+    return not args.tables
 
 
 def table_rows(name: str, runs: dict) -> list[dict]:

@@ -1,5 +1,6 @@
 """``python -m lorabook.experiments table1 | subspace | transfer | merge | table2 table5 table6 qlora [--shard k/n]
-[--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments`` and its ``subspace``)."""
+[--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``, its
+``subspace``, ``qlora_eval`` and ``qlora_merge``)."""
 from __future__ import annotations
 
 import argparse

@@ -33,7 +33,7 @@ import time
 import torch
 
 from .._checks import check_choice, check_int, check_positive_int
-from . import DATA, write_json
+from . import DATA, file_command
 
 __all__ = ["TRANSFER_OUT", "BASES", "DEFAULT_BASES", "TRAINED_ON", "RECIPE", "base_variant", "train_adapter", "transfer", "cli"]
 TRANSFER_OUT = DATA / "qlora_transfer.json"
@@ -128,14 +128,12 @@ def transfer(n: int = 100, steps: int = 8, seed: int = 0, threads: int = 1, mode
 
 
 def cli(args) -> bool:
-    """``python -m lorabook.experiments transfer``: removes "transfer" from ``args.tables``, runs it (unless
-    ``args.dry_run``) and writes TRANSFER_OUT; True when no other table is left to run."""
-    args.tables.remove("transfer")
-    if args.dry_run:
-        print(f"transfer: {len(TRAINED_ON)} adapters × {len(DEFAULT_BASES)} bases -> {TRANSFER_OUT.name}")
-    else:
-        result = transfer(n=getattr(args, "eval_n", 100), steps=getattr(args, "steps", 8))
-        write_json(TRANSFER_OUT, result)
-        for on, a in result["adapters"].items():
-            print(f"adapter trained on {on}: " + ", ".join(f"on {k} {e['accuracy']:.0%}" for k, e in a["eval"].items()))
-    return not args.tables
+    """``python -m lorabook.experiments transfer``: runs ``transfer`` (unless ``args.dry_run``) into TRANSFER_OUT
+    (``lorabook.experiments.file_command``); True when no other table is left to run."""
+    def report(result):
+        return "\n".join(f"adapter trained on {on}: " + ", ".join(f"on {k} {e['accuracy']:.0%}"
+                                                                   for k, e in a["eval"].items())
+                         for on, a in result["adapters"].items())
+    return file_command(args, "transfer", f"{len(TRAINED_ON)} adapters × {len(DEFAULT_BASES)} bases",
+                        lambda: transfer(n=getattr(args, "eval_n", 100), steps=getattr(args, "steps", 8)),
+                        TRANSFER_OUT, report)

@@ -29,9 +29,9 @@ import time
 import torch
 
 from .._checks import check_positive_int
-from . import DATA, write_json
+from . import DATA, file_command
 
-__all__ = ["MERGE_OUT", "VARIANTS", "variants", "compare_logits", "merge", "cli"]
+__all__ = ["MERGE_OUT", "VARIANTS", "variants", "compare_logits", "requantization_stats", "merge", "cli"]
 MERGE_OUT = DATA / "qlora_merge.json"
 VARIANTS = {"unmerged": "NF4 + LoRA path, as trained", "merged": "dequant(W4) + ΔW, fp32",
             "requantized": "NF4(dequant(W4) + ΔW)", "wrong": "original W + ΔW, fp32", "no adapter": "NF4 alone"}
@@ -69,6 +69,43 @@ def compare_logits(models: dict[str, torch.nn.Module], reference: torch.nn.Modul
         out[name] = dict(max_abs=diff.abs().max().item(), rel_norm=(diff.norm() / ref.norm()).item(),
                          same_top1=(ref + diff).argmax(-1).eq(ref.argmax(-1)).float().mean().item())
     return out
+
+
+@torch.no_grad()
+def requantization_stats(qlora_model: torch.nn.Module) -> dict:
+    """What quantizing W' + ΔW again (``merge_qlora(requantize=True)``) does to ΔW, over every LoRA layer on a
+    LinearNF4 (W' = dequant(W4), Q = dequant(NF4(W' + ΔW)), sums over all layers):
+
+        codes_changed   share of the 4-bit codes of NF4(W' + ΔW) that differ from W4's
+        kept            <Q - W', ΔW> / ‖ΔW‖²: the share of ΔW the re-quantized weights still carry (1 = all)
+        error           ‖Q - (W' + ΔW)‖ / ‖ΔW‖: the second rounding's error, in units of ΔW
+    """
+    from ..lora import lora_layers
+    from ..qlora import merged_weight
+    from ..quant import LinearNF4, dequantize_4bit, quantize_4bit
+    from ..quant.nf4 import unpack_4bit
+
+    changed = codes = 0
+    inner = delta_sq = error_sq = 0.0
+    for layer in lora_layers(qlora_model).values():
+        base = layer.base
+        if not isinstance(base, LinearNF4):
+            continue
+        w0 = dequantize_4bit(base.quantized, torch.float32)  # (out, in) W'
+        merged = merged_weight(layer, layer.active_adapter)  # (out, in) W' + ΔW
+        q = quantize_4bit(merged.to(base.weight_dtype), blocksize=base.blocksize, codebook=base.codebook,
+                          double_quant=base.weight_absmax_codes is not None)
+        n = base.in_features * base.out_features
+        changed += int((unpack_4bit(q.packed, n) != unpack_4bit(base.quantized.packed, n)).sum())
+        codes += n
+        delta, requantized = merged - w0, dequantize_4bit(q, torch.float32)
+        inner += float(((requantized - w0) * delta).sum())
+        delta_sq += float(delta.pow(2).sum())
+        error_sq += float((requantized - merged).pow(2).sum())
+    if codes == 0 or delta_sq == 0:
+        raise ValueError("qlora_model has no active LoRA adapter on a LinearNF4 layer with ΔW != 0 (B starts at "
+                         "zero: train it first)")
+    return dict(codes_changed=changed / codes, kept=inner / delta_sq, error=(error_sq / delta_sq) ** 0.5)
 
 
 def merge(n: int = 100, n_logits: int = 16, steps: int = 8, seed: int = 0, threads: int = 1,
@@ -112,15 +149,9 @@ def merge(n: int = 100, n_logits: int = 16, steps: int = 8, seed: int = 0, threa
 
 
 def cli(args) -> bool:
-    """``python -m lorabook.experiments merge``: removes "merge" from ``args.tables``, runs it (unless
-    ``args.dry_run``) and writes MERGE_OUT; True when no other table is left to run."""
-    args.tables.remove("merge")
-    if args.dry_run:
-        print(f"merge: 1 adapter, {len(VARIANTS)} variants -> {MERGE_OUT.name}")
-    else:
-        result = merge()
-        write_json(MERGE_OUT, result)
-        for name, e in result["eval"].items():
-            print(f"{name:<12} exact match {e['accuracy']:.0%}  logits max |Δ| "
-                  f"{result['logits']['by_variant'][name]['max_abs']:.3g}")
-    return not args.tables
+    """``python -m lorabook.experiments merge``: runs ``merge`` (unless ``args.dry_run``) into MERGE_OUT
+    (``lorabook.experiments.file_command``); True when no other table is left to run."""
+    def report(result):
+        return "\n".join(f"{name:<12} exact match {e['accuracy']:.0%}  logits max |Δ| "
+                         f"{result['logits']['by_variant'][name]['max_abs']:.3g}" for name, e in result["eval"].items())
+    return file_command(args, "merge", f"1 adapter, {len(VARIANTS)} variants", merge, MERGE_OUT, report)

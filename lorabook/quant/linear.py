@@ -10,7 +10,8 @@ This module is the first term: the weight lives as ``lorabook.quant.nf4.Quantize
 ``F.linear`` (``compute_linear``: on the CPU a 16-bit one accumulates in fp32, as 16-bit matrix units do). The
 backward dequantizes again instead of keeping the full-precision weight from the forward, which
 would cost the memory that 4-bit storage saves. The weight and the bias are frozen; the trainable low-rank term
-``X L1 L2`` is a ``lorabook.lora.LoRALinear`` wrapped around this layer (it cannot be merged into 4-bit codes).
+``X L1 L2`` is a ``lorabook.lora.LoRALinear`` wrapped around this layer (it has no exact merge into 4-bit codes:
+``lorabook.qlora.merge_qlora`` merges it into dequant(W4)).
 
 ``quantize_model`` swaps every ``nn.Linear`` of a model except the output head for a ``LinearNF4``.
 """
@@ -125,8 +126,8 @@ class LinearNF4(nn.Module):
         return BaseLayer(self.in_features, self.out_features, mergeable=False, adapter_dtype=torch.float32,
                          device=self.weight_packed.device,
                          not_mergeable_because="W0 + ΔW has no exact NF4 form and re-quantizing it would lose most "
-                         "of ΔW; keep the adapter unmerged (QLoRA serves it that way) or replace the base by a "
-                         "dequantized nn.Linear first")
+                         "of ΔW; keep the adapter unmerged (QLoRA serves it that way) or merge it into dequant(W4) "
+                         "with lorabook.qlora.merge_qlora")
 
     def dequantize(self) -> torch.Tensor:
         """The weight (out, in) in ``compute_dtype``."""
