@@ -24,7 +24,9 @@ weights the base was quantized from (a common mistake with peft and unsloth, whi
     merge_qlora(model)                    W ← dequant(W4) + ΔW              an nn.Linear in the weight's dtype
     merge_qlora(model, requantize=True)   W4 ← NF4(dequant(W4) + ΔW)        a LinearNF4 again (peft's 4-bit merge)
 
-ΔW = (α / r) · B A is added in fp32. The re-quantized merge is 4-bit again, at the price of a new rounding.
+ΔW = (α / r) · B A is added in fp32 (``merged_weight``; ``requantized_weight`` is the NF4 of that sum). The
+re-quantized merge is 4-bit again, at the price of a new rounding -- which, for an adapter whose ΔW is smaller than
+half the gap between NF4 levels, rounds most of ΔW away (notebook 07 §4 measures it).
 """
 from __future__ import annotations
 
@@ -133,14 +135,22 @@ def merge_qlora(model: nn.Module, requantize: bool = False, adapter_name: str | 
     return model
 
 
+def requantized_weight(layer: LoRALinear, adapter_name: str | None, merged: torch.Tensor | None = None):
+    """NF4(dequant(W4) + ΔW) of a LoRA layer on a LinearNF4: a QuantizedTensor with the layer's blocksize, codebook
+    and double quantization (``merged``: that layer's ``merged_weight``, if already computed)."""
+    base = layer.base
+    W = merged_weight(layer, adapter_name) if merged is None else merged  # (out, in) fp32
+    with torch.no_grad():
+        return quantize_4bit(W.to(base.weight_dtype), blocksize=base.blocksize, codebook=base.codebook,
+                             double_quant=base.weight_absmax_codes is not None)
+
+
 def _merged_layer(layer: LoRALinear, adapter_name: str, requantize: bool, dtype) -> nn.Module:
     base = layer.base
+    if requantize:
+        return LinearNF4(requantized_weight(layer, adapter_name), base.bias, compute_dtype=base.compute_dtype)
     W = merged_weight(layer, adapter_name)  # (out, in) fp32
     with torch.no_grad():
-        if requantize:
-            q = quantize_4bit(W.to(base.weight_dtype), blocksize=base.blocksize, codebook=base.codebook,
-                              double_quant=base.weight_absmax_codes is not None)
-            return LinearNF4(q, base.bias, compute_dtype=base.compute_dtype)
         dtype = base.weight_dtype if dtype is None else dtype
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=W.device,
                            dtype=dtype)

@@ -128,6 +128,9 @@ def test_a_16bit_linear_on_the_cpu_accumulates_in_fp32(dtype, mantissa_bits):
     assert within_one_ulp(fast, native.double(), mantissa_bits)  # the two differ only in the order of the sums
     x32, w32 = x.float(), w.float()
     assert torch.equal(compute_linear(x32, w32), F.linear(x32, w32))  # fp32 is torch's GEMM, whatever the backend
+    for wide in (torch.float32, torch.float64):  # never rounded down to fp32 or below
+        xw, ww = x.to(wide), w.to(wide)
+        assert torch.equal(compute_linear(xw, ww, backend="fp32-accumulate"), F.linear(xw, ww))
     with pytest.raises(ValueError, match="backend must be one of"):
         compute_linear(x, w, backend="bf16")
 

@@ -64,10 +64,12 @@ def compare_logits(models: dict[str, torch.nn.Module], reference: torch.nn.Modul
         raise ValueError("batch has no answer tokens (labels != -100) after the first position: nothing to compare")
     ref = answer_logits(reference)
     out = {}
+    ref_top1 = ref.argmax(-1)
     for name, model in models.items():
-        diff = answer_logits(model) - ref
+        logits = answer_logits(model)
+        diff = logits - ref
         out[name] = dict(max_abs=diff.abs().max().item(), rel_norm=(diff.norm() / ref.norm()).item(),
-                         same_top1=(ref + diff).argmax(-1).eq(ref.argmax(-1)).float().mean().item())
+                         same_top1=logits.argmax(-1).eq(ref_top1).float().mean().item())
     return out
 
 
@@ -81,8 +83,8 @@ def requantization_stats(qlora_model: torch.nn.Module) -> dict:
         error           ‖Q - (W' + ΔW)‖ / ‖ΔW‖: the second rounding's error, in units of ΔW
     """
     from ..lora import lora_layers
-    from ..qlora import merged_weight
-    from ..quant import LinearNF4, dequantize_4bit, quantize_4bit
+    from ..qlora import merged_weight, requantized_weight
+    from ..quant import LinearNF4, dequantize_4bit
     from ..quant.nf4 import unpack_4bit
 
     changed = codes = 0
@@ -93,8 +95,7 @@ def requantization_stats(qlora_model: torch.nn.Module) -> dict:
             continue
         w0 = dequantize_4bit(base.quantized, torch.float32)  # (out, in) W'
         merged = merged_weight(layer, layer.active_adapter)  # (out, in) W' + ΔW
-        q = quantize_4bit(merged.to(base.weight_dtype), blocksize=base.blocksize, codebook=base.codebook,
-                          double_quant=base.weight_absmax_codes is not None)
+        q = requantized_weight(layer, layer.active_adapter, merged)  # what merge_qlora(requantize=True) stores
         n = base.in_features * base.out_features
         changed += int((unpack_4bit(q.packed, n) != unpack_4bit(base.quantized.packed, n)).sum())
         codes += n

@@ -52,7 +52,7 @@ def compute_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if backend == "auto":
         sixteen_bit_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
         backend = "fp32-accumulate" if sixteen_bit_on_cpu else "native"
-    if backend == "native" or x.dtype == torch.float32:
+    if backend == "native" or x.dtype not in (torch.bfloat16, torch.float16):  # fp32 / fp64: torch's GEMM as is
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
