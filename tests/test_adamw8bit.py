@@ -203,7 +203,9 @@ def test_a_bad_state_dict_is_refused_and_changes_nothing(name):
              (broken(2, "state2", torch.zeros(100, dtype=torch.uint8)), "state2 must be torch.float32"),
              (broken(0, "step", -1), "step must be a non-negative whole number"),
              (broken(0, "qmap1", torch.zeros(256)), "qmap1 is not the signed dynamic map"),
-             (broken(0, "absmax2", drop=True), r"lacks \['absmax2'\]")]
+             (broken(0, "absmax2", drop=True), r"lacks \['absmax2'\]"),
+             ([good], "state_dict must be an optimizer state_dict"),
+             ({**good, "state": {7: good["state"][0]}}, "state_dict has state for parameter 7")]
     for sd, message in cases:
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(sd)
