@@ -30,7 +30,7 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
      "(8-bit m and v, bitsandbytes' numbers) or paged_adamw8bit"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
     ("--prefix-text", str, None, "prefix: start from this text's keys/values (its first n-prefix tokens), not noise"),
-    ("--batch-size", int, 8, "examples per micro-batch (per rank under torchrun)"),
+    ("--batch-size", int, 8, "examples per micro-batch, over all ranks under torchrun (each takes batch-size / world)"),
     ("--grad-accum", int, 1, "micro-batches per optimizer step"), ("--max-len", int, 160, "tokens per example"),
     ("--max-grad-norm", float, 1.0, "clip the gradient norm (0: no clipping)"),
     ("--weight-decay", float, 0.0, "AdamW weight decay"), ("--warmup", int, 3, "linear warmup steps"),

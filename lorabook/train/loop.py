@@ -19,9 +19,11 @@ schedule needs no state of its own. The data order is too: epoch e is a permutat
 CLI (prints the loss curve and the exact-match accuracy before and after):
     python -m lorabook.train --method lora --model smollm2 --steps 60 --out runs/sql [--resume]
 
-torchrun-ready (``lorabook.train.distributed``): with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and each rank reads its
-own shard (DistributedSampler); rank 0 logs, evaluates and checkpoints. That path is written to the
-documented torch.distributed API but has not been run on GPUs here.
+Under torchrun (``lorabook.train.distributed``), with WORLD_SIZE = N > 1, the model is wrapped in
+DistributedDataParallel; ``batch_size`` stays the global micro-batch and each rank reads its batch_size / N
+examples of it (DistributedSampler), the loss is normalised by the tokens of the whole global step, so N gloo
+processes reproduce the one-process loss curve (tested); rank 0 logs, evaluates and checkpoints. Run on CPUs
+(gloo) here, not yet on GPUs (nccl).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from .._checks import check_choice, check_flag, check_int, check_module, check_n
 from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PagedAdamW8bit
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
-from .distributed import distributed
+from .distributed import distributed, world_size
 
 SCHEDULES = ("cosine", "constant")
 
@@ -87,8 +89,10 @@ def lr_at(step: int, lr: float, steps: int, warmup_steps: int = 0, schedule: str
 
 
 def batch_indices(n: int, batch_size: int, micro: int, seed: int, world: int = 1, rank: int = 0) -> list[int]:
-    """Example indices of micro-batch number ``micro`` (0-based, counted over the run): a pure function, so
-    resuming at any micro-batch sees the same data. Epoch e shuffles with DistributedSampler(seed) at epoch e."""
+    """Example indices of rank ``rank``'s ``batch_size`` examples of micro-batch number ``micro`` (0-based, counted
+    over the run): a pure function, so resuming at any micro-batch sees the same data; the ``world`` ranks' parts
+    together are the one-process micro-batch of world · batch_size examples. Epoch e shuffles with
+    DistributedSampler(seed) at epoch e."""
     from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
@@ -197,6 +201,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
           progress: bool = True, optimizer: str = "adamw") -> History:
     """Train the trainable parameters of ``model`` for ``steps`` optimizer steps; return the History.
 
+    batch_size: examples per micro-batch -- under torchrun over all ranks (it must divide by the world size).
     train_data: dataset examples (``data.load_split``) or (prompt, answer) dicts, batched here in a seeded
         order; or any re-iterable of ready batches (dicts of input_ids, attention_mask, labels), e.g. a
         DataLoader -- on resume its first batches are skipped, exact if its order is deterministic.
@@ -237,9 +242,14 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
                   weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
                   min_lr_ratio=min_lr_ratio, max_len=max_len, seed=seed, optimizer=optimizer)
 
-    world, rank, local = distributed()
+    world = world_size()  # before torch.distributed starts
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the world size {world} (torchrun's "
+                         "processes): each rank takes batch_size / world examples of every micro-batch")
+    per_rank = batch_size // world
     if examples:  # a batch_size the data cannot fill fails here, before the model or the RNG changes
-        batch_indices(len(train_data), batch_size, 0, seed, world, rank)
+        batch_indices(len(train_data), per_rank, 0, seed, world, 0)
+    world, rank, local = distributed()
     params = trainable_parameters(model)
     opt = make_optimizer(params, lr, weight_decay, optimizer)
     history, start = History(), 0
@@ -253,11 +263,13 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        # buffers (NF4 codes, rotary tables) are the same on every rank: DDP need not re-send them every forward
+        net = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
 
     def next_batch(micro: int) -> dict:
         if examples:
-            idx = batch_indices(len(train_data), batch_size, micro, seed, world, rank)
+            idx = batch_indices(len(train_data), per_rank, micro, seed, world, rank)
             return data.collate([train_data[i] for i in idx], tokenizer, max_len)
         return next(stream)
 
@@ -309,18 +321,22 @@ def optimizer_step(model, net, batches: list[dict], optimizer, params: dict, lr:
                    max_grad_norm: float | None, world: int = 1) -> dict:
     """One AdamW step over ``batches`` (the micro-batches); returns its loss, grad_norm, tokens and seconds.
 
-    Each micro-batch's summed token loss is divided by the token count of the whole step, so the gradients
-    add up to the gradient of the step's mean token loss however the step is split."""
+    Each micro-batch's summed token loss is divided by the token count of the whole step, over all ranks, so the
+    gradients add up to the gradient of the step's mean token loss however the step is split (over micro-batches
+    or ranks). DDP averages the ranks' gradients, hence the factor ``world``."""
     t0 = time.perf_counter()
-    n_tok = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)  # answer tokens
+    n_tok = torch.tensor(sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches))  # answer tokens
+    if world > 1:
+        torch.distributed.all_reduce(n_tok)  # the global step's answer tokens
+    n_tok = int(n_tok)
     loss = torch.zeros((), device=batches[0]["input_ids"].device)
     for k, batch in enumerate(batches):
         sync = world == 1 or k == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if sync else net.no_sync():
-            micro = token_loss_sum(model, batch, net) / max(n_tok, 1)
+            micro = token_loss_sum(model, batch, net) * world / max(n_tok, 1)
             micro.backward()
         loss += micro.detach()
-    if world > 1:  # log the mean over ranks (DDP already averaged the gradients)
+    if world > 1:  # the global step's mean token loss: the ranks' parts, summed (each carried a factor world)
         torch.distributed.all_reduce(loss)
         loss /= world
     grads = [p for p in params.values() if p.grad is not None]
