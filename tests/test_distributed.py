@@ -2,12 +2,12 @@
 
 The trap (transformers #34191): with gradient accumulation, normalising each rank's loss by its own token count
 weights the ranks' answers unequally; ``lorabook.train`` divides by the global step's tokens, so the curves agree.
+DDP keeps a whole replica per rank and all-reduces the trainable gradients; FSDP2 keeps 1/N of everything and
+all-gathers the parameters (the frozen base too) every micro-batch: both are checked here, and what they store and send.
 """
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,45 +22,59 @@ ARGS = ["--model", "tiny", "--method", "lora", "--steps", "3", "--batch-size", "
         "--warmup", "0", "--lr", "1e-2", "--threads", "1"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(args: list[str], tmp_path, name: str) -> dict:
+    """``python -m lorabook.train *args`` as 2 gloo processes; its results JSON (checkpoint in tmp_path/name)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = T.torchrun_command(2, [*args, "--out", tmp_path / name, "--results", tmp_path / f"{name}.json"])
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def one_process(args: list[str], tmp_path, name: str = "one") -> dict:
+    return train_cli.main([*args, "--out", str(tmp_path / name), "--results", str(tmp_path / f"{name}.json")])
+
+
+def checkpoint_params(tmp_path, name: str) -> dict:
+    return {k: v for k, v in load_file(str(tmp_path / name / T.CKPT_NAME)).items() if k.startswith("param.")}
 
 
 METHODS = {"lora": [], "qlora": ["--method", "qlora", "--targets", "all-linear", "--rank", "4",
                                  "--optimizer", "paged_adamw"]}  # NF4 base, paged AdamW
 # fp32 lora agrees to 1e-6; qlora computes in bf16, and a rank pads its half-batch to its own longest example, so
 # an activation now and then rounds to the neighbouring bf16 value (measured: 8e-6 on the loss)
-TOLERANCE = {"lora": 1e-6, "qlora": 5e-5}
+TOLERANCE = {"full": 1e-6, "lora": 1e-6, "qlora": 5e-5}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_gloo_processes_train_like_one(tmp_path, capsys, method):
     args = ARGS + METHODS[method]
-    one = train_cli.main(args + ["--out", str(tmp_path / "one"), "--results", str(tmp_path / "one.json")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "lorabook.train", *args,
-           "--out", str(tmp_path / "two"), "--results", str(tmp_path / "two.json")]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())
+    one, two = one_process(args, tmp_path), torchrun(args, tmp_path, "two")
     assert len(two["loss_curve"]) == 3 and min(two["loss_curve"]) > 1  # answer tokens were scored
     # same global batch, same curve: each rank dividing by its own tokens is off by 3e-4 here
     assert max(abs(a - b) for a, b in zip(one["loss_curve"], two["loss_curve"])) <= TOLERANCE[method]
-    w1, w2 = (load_file(str(tmp_path / d / T.CKPT_NAME)) for d in ("one", "two"))
-    adapters = [k for k in w1 if k.startswith("param.")]
-    assert adapters and set(adapters) == {k for k in w2 if k.startswith("param.")}
+    # on the wire: the trainable gradients, all-reduced once a step (ring: each rank sends 2 (N-1)/N of them)
+    trainable = 4 * two["trainable_params"]  # fp32 adapters
+    assert two["wire_bytes_per_step"] == [T.ring_bytes("ddp", 2, two["trainable_params"], 4)] * 3 == [trainable] * 3
+    assert two["stored_bytes"][0]["grads"] == one["stored_bytes"][0]["grads"]  # a whole replica per rank
+    w1, w2 = checkpoint_params(tmp_path, "one"), checkpoint_params(tmp_path, "two")
+    adapters = list(w1)
+    assert adapters and set(adapters) == set(w2)
     if method == "lora":  # the final adapter, and AdamW's moments, are the one-process ones
         for k in adapters:
             torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-    else:  # Adam moves an element whose gradient is ~0 by up to lr a step, whatever the sign of that ~0
-        diff = torch.cat([(w2[k].float() - w1[k].float()).abs().flatten() for k in adapters])
-        size = torch.cat([w1[k].float().abs().flatten() for k in adapters])
-        off = diff > TOLERANCE[method] + 1e-5 * size
-        assert off.float().mean() <= 0.01, f"{int(off.sum())} of {off.numel()} adapter elements differ"
-        assert diff.max() <= 3 * 1e-2  # at most 3 steps of lr
+    else:
+        assert_adam_close(w1, w2, TOLERANCE[method])
+
+
+def assert_adam_close(w1: dict, w2: dict, tol: float) -> None:
+    """Equal but for the odd element: Adam moves an element whose gradient is ~0 by up to lr a step, whatever the
+    sign of that ~0, so a rounding difference there shows as up to lr per step."""
+    diff = torch.cat([(w2[k].float() - w1[k].float()).abs().flatten() for k in w1])
+    size = torch.cat([w1[k].float().abs().flatten() for k in w1])
+    off = diff > tol + 1e-5 * size
+    assert off.float().mean() <= 0.01, f"{int(off.sum())} of {off.numel()} trained elements differ"
+    assert diff.max() <= 3 * 1e-2  # at most 3 steps of lr
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
@@ -80,3 +94,111 @@ def test_a_bad_world_size_in_the_environment_is_refused(monkeypatch, value):
     monkeypatch.setenv("WORLD_SIZE", value)
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         T.world_size()
+
+
+# ---- FSDP2 ------------------------------------------------------------------------------------------------
+
+FSDP_METHODS = {"full": ["--method", "full"], **METHODS}
+
+
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_fsdp_trains_like_one_process_and_each_rank_stores_half(tmp_path, capsys, method):
+    args = ARGS + FSDP_METHODS[method]
+    if method == "qlora":
+        args = args[:-2] + ["--optimizer", "adamw"]  # FSDP: torch's AdamW (paged state is per whole tensor)
+    one, two = one_process(args, tmp_path), torchrun([*args, "--strategy", "fsdp"], tmp_path, "two")
+    assert max(abs(a - b) for a, b in zip(one["loss_curve"], two["loss_curve"])) <= TOLERANCE[method]
+    w1, w2 = checkpoint_params(tmp_path, "one"), checkpoint_params(tmp_path, "two")  # saved gathered whole
+    assert w1 and set(w1) == set(w2)
+    assert all(w2[k].shape == w1[k].shape for k in w1)
+    assert_adam_close(w1, w2, TOLERANCE[method])  # full FT: 2 of 8192 elements of a layer, by 3e-5
+    # what one rank stores: half the parameters, gradients and moments (shards of dim 0, the last one padded)
+    mine, whole = two["stored_bytes"][0], one["stored_bytes"][0]
+    for part in ("grads", "optimizer"):
+        assert 0.5 <= mine[part] / whole[part] <= 0.51, (part, mine[part], whole[part])
+    if method == "qlora":  # the NF4 codes are sharded too: they moved from buffers to (frozen) parameters
+        assert whole["buffers"] > 10 * mine["buffers"]
+        assert 0.5 <= mine["params"] / (whole["params"] + whole["buffers"]) <= 0.51
+    else:
+        assert 0.5 <= mine["params"] / whole["params"] <= 0.51
+    # on the wire, per micro-batch (grad-accum 2): each decoder layer all-gathered for its forward and again for
+    # its backward, the root unit (embeddings, norm) once; then the trainable gradients reduce-scattered once
+    layers, root = unit_bytes(args)
+    n_train = two["trainable_params"]
+    expected = 0.5 * 2 * (2 * layers + root) + 0.5 * 4 * n_train
+    assert two["wire_bytes_per_step"] == pytest.approx([expected] * 3, rel=0.01)  # the last shard is padded
+    assert expected <= T.ring_bytes("fsdp", 2, n_train, 4, frozen=0, param_bytes=(layers + root) / n_train,
+                                    micro_batches=2)  # the formula: the root gathered twice too, an upper bound
+    assert expected > T.ring_bytes("ddp", 2, n_train, 4)  # FSDP sends more than DDP
+
+
+def unit_bytes(args: list[str]) -> tuple[int, int]:
+    """Bytes of the decoder layers' and of the root unit's parameters (NF4 codes included) of the run's model."""
+    from lorabook.train import fsdp
+    cli = train_cli.parse_args(args)
+    model, tok = T.load_model(cli.model, cli.seed)
+    T.prepare(model, cli.method, **train_cli.method_kwargs(cli, tok))
+    fsdp.nf4_storage_as_parameters(model)
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    layers = size(fsdp.decoder_layers(model).parameters())
+    return layers, size(model.parameters()) - layers
+
+
+def test_nf4_storage_as_parameters_keeps_names_values_and_outputs(one_thread):
+    from lorabook import qlora
+    from lorabook.train import fsdp
+    model = tiny_llama(seed=0, vocab_size=len(byte_tokenizer()))
+    qlora.add_qlora(model, r=2, dropout=0.0, gradient_checkpointing=False)
+    x = torch.randint(3, 200, (2, 9))
+    before, logits = {k: v.clone() for k, v in model.state_dict().items()}, model(x).logits
+    n_params = len(list(model.parameters()))
+    moved = fsdp.nf4_storage_as_parameters(model)
+    assert moved == 3 * 14  # 14 LinearNF4 layers: codes, absmax codes, absmax2 (double quant: no fp32 absmax)
+    assert len(list(model.parameters())) == n_params + moved
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "weight_" in n)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
+
+
+def test_what_fsdp_cannot_do_is_refused_before_anything_starts(monkeypatch):
+    model, tok = tiny_llama(seed=0, vocab_size=len(byte_tokenizer())), byte_tokenizer()
+    T.prepare(model, "lora", target_modules=("q_proj",), r=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    examples = [{"prompt": "a", "answer": "b"}] * 8
+    fit = dict(steps=1, batch_size=2, progress=False, strategy="fsdp")
+    with pytest.raises(ValueError, match="optimizer='adamw' only, got 'adamw8bit'"):
+        T.train(model, examples, tok, optimizer="adamw8bit", **fit)
+    with pytest.raises(ValueError, match="resume=True is not supported under strategy='fsdp'"):
+        T.train(model, examples, tok, resume=True, checkpoint_dir="nowhere", **fit)
+    model.model.layers[0].self_attn.q_proj.lora_A["default"].data = torch.zeros(2, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="trainable parameters in one dtype"):
+        T.train(model, examples, tok, **fit)
+    model.model.layers[0].self_attn.q_proj.lora_A["default"].data = before[
+        "model.layers.0.self_attn.q_proj.lora_A.default"].clone()
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        T.train(model, examples, tok, **{**fit, "strategy": "zero3"})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_model_without_decoder_layers_cannot_be_sharded():
+    from lorabook.train import fsdp
+    with pytest.raises(ValueError, match="no nn.ModuleList of decoder layers"):
+        fsdp.check_shardable(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    scalar = torch.nn.Module()
+    scalar.layers, scalar.gain = torch.nn.ModuleList([torch.nn.Linear(2, 2)]), torch.nn.Parameter(torch.ones(()))
+    with pytest.raises(ValueError, match="0-d parameters.*gain"):
+        fsdp.check_shardable(scalar)
+
+
+def test_wire_formula_and_counter_refuse_bad_input():
+    assert T.ring_bytes("ddp", 1, 10, 4) == 0  # one process sends nothing
+    assert T.ring_bytes("fsdp", 4, 10, 4, frozen=90, param_bytes=2, micro_batches=3) == 2 * 3 * 0.75 * 100 * 2 + 30
+    with pytest.raises(ValueError, match="strategy"):
+        T.ring_bytes("zero", 2, 1, 4)
+    with pytest.raises(ValueError, match="micro_batches"):
+        T.ring_bytes("fsdp", 2, 1, 4, micro_batches=0)
+    with pytest.raises(TypeError, match="net must be a DistributedDataParallel module or a fully_shard-ed model"):
+        T.WireCounter(2).attach(torch.nn.Linear(2, 2))

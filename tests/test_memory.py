@@ -49,7 +49,8 @@ def test_sgd_and_rmsprop_states(tiny):
     want = sum(2 * (p.numel() + 4 * -(-p.numel() // 256)) if p.numel() >= 4096 else 8 * p.numel()
                for p in _unique_params(tiny))
     assert estimate(tiny, optimizer="adamw8bit").slots["optimizer"] == want
-    assert estimate(tiny, optimizer="paged_adamw").slots["optimizer"] == 8 * P
+    assert estimate(tiny, optimizer="paged_adamw").slots["optimizer"] == 8 * P + 4 * n  # + a step counter each
+    assert estimate(tiny, optimizer="paged_adamw8bit").slots["optimizer"] == want  # adamw8bit's bytes, in pages
     mixed = estimate(tiny, dtype="mixed")  # ZeRO: 2 (weights) + 2 (grads) + 12 (master + Adam)
     assert mixed.slots["gradients"] == 2 * P and mixed.slots["optimizer"] == 12 * P + 4 * n
 
@@ -158,7 +159,8 @@ _specs = st.builds(
     st.integers(1, 4), st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4]), st.sampled_from([8, 16, 64]),
     st.integers(8, 512), st.integers(16, 5000), st.booleans())
 _cfg = dict(method=st.sampled_from(["full", "lora", "qlora"]), dtype=st.sampled_from(["fp32", "bf16", "mixed"]),
-            optimizer=st.sampled_from(["sgd", "rmsprop", "adamw", "adamw8bit", "paged_adamw", "lion"]),
+            optimizer=st.sampled_from(["sgd", "rmsprop", "adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit",
+                                        "lion"]),
             ckpt=st.booleans(), B=st.integers(1, 8), T=st.integers(1, 256), r=st.integers(1, 8))
 _hyp = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -431,3 +433,15 @@ def test_peak_only_tracker_equals_memtracker(tiny, method, ckpt):
 def test_measure_bad_tracker(tiny):
     with pytest.raises(ValueError, match="tracker"):
         memory.measure(tiny, tracker="fast")
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw", "paged_adamw8bit"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_paged_optimizers_state_is_measured_in_their_pages(tiny, method, optimizer):
+    """measure() counts a paged optimizer's pages as optimizer state (they are not in opt.state), and the estimate
+    agrees: paged AdamW is AdamW's bytes, paged AdamW8bit the 8-bit one's (2 bytes + absmax per parameter)."""
+    kw = dict(method=method, batch_size=2, seq_len=16)
+    e, m = estimate(tiny, optimizer=optimizer, **kw), memory.measure(tiny, steps=1, optimizer=optimizer, **kw)
+    unpaged = memory.measure(tiny, steps=1, optimizer=optimizer[len("paged_"):], **kw)
+    assert e.slots["optimizer"] == m.slots["optimizer"] == unpaged.slots["optimizer"] > 0
+    assert abs(e.total / m.total - 1) < 0.01

@@ -64,9 +64,10 @@ from .spec import as_spec, lora_modules
 
 ESTIMATE_METHODS = ("full", "lora", "qlora")
 DTYPES = ("fp32", "bf16", "fp16", "mixed")
-ESTIMATE_OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw", "lion")
+ESTIMATE_OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "lion")
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # bytes of a weight / activation element
-_STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2, "lion": 1}
+_STATES = {"sgd": 0, "rmsprop": 1, "adam": 2, "adamw": 2, "adamw8bit": 2, "paged_adamw": 2, "paged_adamw8bit": 2,
+           "lion": 1}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 code + FP8 absmax per 64 + fp32 per 256 absmaxes = 4.127 bits
 CATEGORIES = ("weights", "gradients", "optimizer", "activations")
 
@@ -138,10 +139,10 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw", dtype: str
         raise bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
     if dtype not in DTYPES:
         raise bad_choice("dtype", dtype, DTYPES)
-    if optimizer == "adamw8bit":
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
         return sum(state8_bytes(n) for n in sizes)
     state = 4 if dtype == "mixed" or optimizer in ("paged_adamw", "lion") else _BYTES[dtype]
-    counters = 4 * len(sizes) if optimizer in ("adam", "adamw", "rmsprop") else 0
+    counters = 4 * len(sizes) if optimizer in ("adam", "adamw", "paged_adamw", "rmsprop") else 0
     return _STATES[optimizer] * state * sum(sizes) + counters
 
 
@@ -211,8 +212,8 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
         opt += 4 * P_train  # fp32 master weights live with the optimizer (ZeRO's K = 12 for Adam)
         parts["optimizer: fp32 master weights"] = 4 * P_train
         notes.append("mixed: fp32 master weights counted with the optimizer states (ZeRO's 2+2+12 bytes/param)")
-    if optimizer == "paged_adamw":
-        notes.append("paged_adamw: same bytes as 32-bit AdamW, but its pages can be evicted to host memory "
+    if optimizer.startswith("paged_"):
+        notes.append(f"{optimizer}: the bytes of {optimizer[6:]}, in pages that can be evicted to host memory "
                      "under pressure (NVIDIA unified memory), so they need not all sit on the GPU at the peak")
 
     # ---- saved activations, layer by layer (the derivation in the module docstring)
@@ -288,7 +289,7 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     per_tensor = {"rmsprop": 1, "adam": 2, "adamw": 2, "lion": 3}.get(optimizer, 0)
     if optimizer == "lion":
         scratch = per_tensor * 4 * big if device == "cpu" else 0
-    elif optimizer == "adamw8bit":  # lorabook's AdamW8bit: CHUNK elements at a time in fp32; 32-bit path: 2 temps
+    elif optimizer in ("adamw8bit", "paged_adamw8bit"):  # CHUNK elements at a time in fp32; 32-bit path: 2 temps
         big8 = max((n for n in trainable if n >= MIN_8BIT_SIZE), default=0)
         big32 = max((n for n in trainable if n < MIN_8BIT_SIZE), default=0)
         scratch = max(SCRATCH_BYTES_PER_ELEMENT * min(big8, CHUNK), 8 * big32) if device == "cpu" else 0

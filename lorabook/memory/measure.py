@@ -94,11 +94,24 @@ def _lion(params, lr: float) -> torch.optim.Optimizer:
     return Lion(params, lr=lr, optim_bits=32)
 
 
+def _optstate():
+    from torch.distributed._tools.mem_tracker import _MemRefType
+    return _MemRefType.OPT
+
+
+def _pages(optimizer) -> list[torch.Tensor]:
+    """The state pages of a ``lorabook.paged`` optimizer (on the device and on the host); [] for any other."""
+    pools = getattr(optimizer, "pools", {}).values()
+    return [page for pool in pools for where in (pool.on_device, pool.on_host) for page in where.values()]
+
+
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     from ..adamw8bit import AdamW8bit
+    from ..paged import PagedAdamW, PagedAdamW8bit
 
     makers = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
-              "adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit, "lion": _lion}
+              "adamw": torch.optim.AdamW, "adamw8bit": AdamW8bit, "paged_adamw": PagedAdamW,
+              "paged_adamw8bit": PagedAdamW8bit, "lion": _lion}
     if name not in makers:
         raise bad_choice("optimizer", name, makers)
     return makers[name](params, lr=lr)
@@ -199,6 +212,8 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
             # does not. ``reset_mod_stats`` would be needed to reuse one.
             mt = _tracker(tracker)
             mt.track_external(m, opt, ids)
+            for page in _pages(opt):  # a paged optimizer keeps its state in pages, not in opt.state
+                mt._update_and_maybe_create_winfos(page, _optstate())
             for p in m.parameters():  # MemTracker hooks every parameter it sees, which raises for frozen
                 if not p.requires_grad:  # ones (LoRA): mark them as hooked already
                     mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())

@@ -2,7 +2,7 @@
 ``lorabook.memory.estimate`` (``calculator``)."""
 from __future__ import annotations
 
-from .estimate import CATEGORIES, estimate
+from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, estimate
 from .spec import KNOWN_MODELS
 
 __all__ = ["COLORS", "plot_breakdown", "calculator"]
@@ -55,7 +55,7 @@ def calculator():
              seq_len=widgets.SelectionSlider(options=[2 ** k for k in range(6, 15)], value=512, description="seq len"),
              lora_rank=widgets.SelectionSlider(options=[2 ** k for k in range(9)], value=8, description="rank"),
              dtype=widgets.Dropdown(options=["fp32", "bf16", "fp16", "mixed"], value="fp32", description="dtype"),
-             optimizer=widgets.Dropdown(options=["sgd", "rmsprop", "adamw", "adamw8bit", "paged_adamw", "lion"],
+             optimizer=widgets.Dropdown(options=list(ESTIMATE_OPTIMIZERS),
                                         value="adamw", description="optimizer"),
              gradient_checkpointing=widgets.Checkbox(value=False, description="checkpointing"))
 

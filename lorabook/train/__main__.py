@@ -31,6 +31,8 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
     ("--prefix-text", str, None, "prefix: start from this text's keys/values (its first n-prefix tokens), not noise"),
     ("--batch-size", int, 8, "examples per micro-batch, over all ranks under torchrun (each takes batch-size / world)"),
+    ("--strategy", str, "ddp", "under torchrun: ddp (a whole replica per rank) or fsdp (FSDP2: each rank stores 1/N "
+     "of parameters, gradients and AdamW moments; --optimizer adamw)"),
     ("--grad-accum", int, 1, "micro-batches per optimizer step"), ("--max-len", int, 160, "tokens per example"),
     ("--max-grad-norm", float, 1.0, "clip the gradient norm (0: no clipping)"),
     ("--weight-decay", float, 0.0, "AdamW weight decay"), ("--warmup", int, 3, "linear warmup steps"),
@@ -89,8 +91,8 @@ def main(argv=None) -> dict:
     model, tok = load_model(args.model, args.seed, device)
     train_ex, test_ex = data.load_split("train"), data.load_split("test", n=args.eval_n)
     progress = not args.no_progress
-    score = lambda: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=progress)  # noqa
-    before, before_s = (None, 0.0) if args.no_before or rank else score()
+    score = lambda show: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=show)  # noqa
+    before, before_s = (None, 0.0) if args.no_before or rank else score(progress)
     prepare(model, args.method, **method_kwargs(args, tok))
     n_train, n_all = count_trainable(model)
     if rank == 0:
@@ -103,12 +105,16 @@ def main(argv=None) -> dict:
                     eval_examples=data.load_split("val", n=args.eval_n) if args.eval_every else None,
                     checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                     stop_after=args.stop_after, seed=args.seed, progress=progress,
-                    log_every=max(1, args.steps // 20), optimizer=args.optimizer)
+                    log_every=max(1, args.steps // 20), optimizer=args.optimizer, strategy=args.strategy)
+    sharded = world > 1 and args.strategy == "fsdp"
+    if sharded:  # an FSDP forward is a collective: every rank scores (the same answers), rank 0 reports
+        after, after_s = score(progress and not rank)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank:  # rank 0 scores and reports
         return {}
-    after, after_s = score()
+    if not sharded:
+        after, after_s = score(progress)
     result = dict(command="python -m lorabook.train " + " ".join(argv), settings=vars(args),
                   device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   trainable_params=n_train, total_params=n_all, eval_split="test", eval_n=len(test_ex),
@@ -140,6 +146,7 @@ def report(history: History, examples: list[dict], before: list[str] | None, aft
     return dict(accuracy_before=acc_before, accuracy_after=acc_after, train_wall_time_s=history.wall_time_s,
                 eval_wall_time_s=eval_s, tokens_per_s=history.tokens_per_s, loss_curve=history.loss,
                 lr_curve=history.lr, eval_points=history.eval, predictions=predictions,
+                wire_bytes_per_step=history.wire_bytes, stored_bytes=history.stored_bytes[:1],  # rank 0's
                 load_avg_1m=os.getloadavg()[0])  # other work on the machine slows the timings
 
 

@@ -34,12 +34,13 @@ __all__ = ["CKPT_NAME", "Checkpoint", "save_checkpoint", "read_checkpoint", "app
 
 def save_checkpoint(path: Path | str, params: dict, optimizer, state: dict) -> Path:
     """Write ``path/checkpoint.safetensors`` atomically: weights, AdamW moments and RNG as tensors, ``state``
-    (JSON-able) and the optimizer's hyper-parameters as metadata."""
+    (JSON-able) and the optimizer's hyper-parameters as metadata. ``optimizer``: the optimizer, or its state_dict
+    (FSDP: ``lorabook.train.fsdp.full_optimizer_state``, gathered whole)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    opt = optimizer.state_dict()
+    opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for i, slots in opt["state"].items():  # i: the parameter's position in the optimizer
         for key, value in slots.items():  # an 8-bit state nests its tensors one level down: optim.i.key.name

@@ -27,7 +27,6 @@ processes reproduce the one-process loss curve (tested); rank 0 logs, evaluates 
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
@@ -43,7 +42,9 @@ from .._checks import check_choice, check_flag, check_int, check_module, check_n
 from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PagedAdamW8bit
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
-from .distributed import distributed, world_size
+from .distributed import STRATEGIES, distributed, gradient_sync, world_size, wrap
+from .fsdp import check_fsdp, full_optimizer_state, full_tensor, local_bytes
+from .wire import WireCounter
 
 SCHEDULES = ("cosine", "constant")
 
@@ -159,6 +160,8 @@ class History:
     tokens: list = field(default_factory=list)  # non-padding tokens the step processed
     seconds: list = field(default_factory=list)  # wall time of the step: forward, backward, update
     eval: list = field(default_factory=list)  # {"step", "val_loss", ["accuracy"]}
+    wire_bytes: list = field(default_factory=list)  # bytes this rank sent in the step (ring collectives; 1 rank: 0)
+    stored_bytes: list = field(default_factory=list)  # {params, grads, optimizer, buffers}: this rank's, at the update
 
     @property
     def tokens_per_s(self) -> float:
@@ -198,7 +201,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
           eval_every: int = 0, eval_examples: list[dict] | None = None, eval_accuracy: bool = True,
           max_new_tokens: int = 40, checkpoint_dir: Path | str | None = None, checkpoint_every: int = 0,
           resume: bool = False, stop_after: int | None = None, seed: int = 0, log_every: int = 10,
-          progress: bool = True, optimizer: str = "adamw") -> History:
+          progress: bool = True, optimizer: str = "adamw", strategy: str = "ddp") -> History:
     """Train the trainable parameters of ``model`` for ``steps`` optimizer steps; return the History.
 
     batch_size: examples per micro-batch -- under torchrun over all ranks (it must divide by the world size).
@@ -207,7 +210,9 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         DataLoader -- on resume its first batches are skipped, exact if its order is deterministic.
     eval_every: every so many steps (and at the end) record the loss on ``eval_examples`` and, with
         ``eval_accuracy``, their exact-match accuracy by greedy generation.
-    optimizer: "adamw" or "paged_adamw" (QLoRA's paged optimizer; the same updates, state in pages).
+    optimizer: a name of ``TRAIN_OPTIMIZERS`` (``make_optimizer``).
+    strategy: under torchrun, "ddp" (every rank a whole replica; gradients all-reduced) or "fsdp" (FSDP2: each rank
+        stores 1/N of parameters, gradients and moments; ``lorabook.train.fsdp``, optimizer "adamw" only).
     checkpoint_dir: save there at the end (and every ``checkpoint_every`` steps); ``resume=True`` continues
         from its checkpoint and must be given the same settings (the checkpoint is checked whole -- weights,
         optimizer state, metadata, settings -- before any of it is loaded). stop_after: stop after that step (as if the
@@ -226,6 +231,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         check_number("max_grad_norm", max_grad_norm, low=0, low_open=True)
     check_choice("optimizer", optimizer, TRAIN_OPTIMIZERS)  # before anything starts (and torch.distributed)
     check_choice("schedule", schedule, SCHEDULES)
+    check_choice("strategy", strategy, STRATEGIES)
     check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
     for name, value in dict(resume=resume, progress=progress, eval_accuracy=eval_accuracy).items():
         check_flag(name, value)
@@ -249,7 +255,10 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     per_rank = batch_size // world
     if examples:  # a batch_size the data cannot fill fails here, before the model or the RNG changes
         batch_indices(len(train_data), per_rank, 0, seed, world, 0)
+    if world > 1 and strategy == "fsdp":  # what FSDP cannot do, refused before torch.distributed starts
+        check_fsdp(model, optimizer, resume)
     world, rank, local = distributed()
+    net = wrap(model, strategy, local) if world > 1 else model  # FSDP: model's parameters are now its shards
     params = trainable_parameters(model)
     opt = make_optimizer(params, lr, weight_decay, optimizer)
     history, start = History(), 0
@@ -260,12 +269,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     else:
         torch.manual_seed(seed)  # dropout; the data order has its own seed
     device = next(model.parameters()).device
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        # buffers (NF4 codes, rotary tables) are the same on every rank: DDP need not re-send them every forward
-        net = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+    wire = WireCounter(world).attach(net) if world > 1 else None
+    sharded = world > 1 and strategy == "fsdp"  # then every rank must run every forward (it is a collective)
 
     def next_batch(micro: int) -> dict:
         if examples:
@@ -282,7 +287,10 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     for step in bar:
         batches = [_to(next_batch(step * grad_accum + k), device) for k in range(grad_accum)]
         step_lr = lr_at(step, lr, steps, warmup_steps, schedule, min_lr_ratio)
+        if wire:
+            wire.reset()  # count this step's traffic only (an FSDP evaluation all-gathers too)
         point = optimizer_step(model, net, batches, opt, params, step_lr, max_grad_norm, world)
+        point["wire_bytes"] = wire.sent_per_rank() if wire else 0
         for key, value in dict(step=step + 1, lr=step_lr, **point).items():
             getattr(history, key).append(value)
         rate = point["tokens"] / point["seconds"]
@@ -291,14 +299,16 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         if rank == 0 and log_every and (done % log_every == 0 or done == end):
             tqdm.write(f"step {done:5d}/{steps}  loss {point['loss']:.4f}  lr {step_lr:.2e}  "
                        f"grad_norm {point['grad_norm']:.3f}  {rate:.0f} tok/s")
-        if rank == 0 and eval_every and (done % eval_every == 0 or done == steps):
+        if (rank == 0 or sharded) and eval_every and (done % eval_every == 0 or done == steps):
             history.eval.append({"step": done, **validate(model, tokenizer, eval_examples, batch_size, max_len,
-                                                          eval_accuracy, max_new_tokens, progress)})
-            tqdm.write(f"eval at step {done}: {history.eval[-1]}")
-        if rank == 0 and checkpoint_dir is not None and (done == end or checkpoint_every and
-                                                         done % checkpoint_every == 0):
-            save_checkpoint(checkpoint_dir, params, opt, dict(step=done, config=config,
-                                                              history=asdict(history)))
+                                                          eval_accuracy, max_new_tokens, progress and rank == 0)})
+            if rank == 0:
+                tqdm.write(f"eval at step {done}: {history.eval[-1]}")
+        if checkpoint_dir is not None and (done == end or checkpoint_every and done % checkpoint_every == 0):
+            whole = {n: full_tensor(p) for n, p in params.items()} if sharded else params  # FSDP: gathered
+            state = full_optimizer_state(opt) if sharded else opt
+            if rank == 0:
+                save_checkpoint(checkpoint_dir, whole, state, dict(step=done, config=config, history=asdict(history)))
     bar.close()
     model.eval()
     return history
@@ -331,8 +341,7 @@ def optimizer_step(model, net, batches: list[dict], optimizer, params: dict, lr:
     n_tok = int(n_tok)
     loss = torch.zeros((), device=batches[0]["input_ids"].device)
     for k, batch in enumerate(batches):
-        sync = world == 1 or k == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
-        with contextlib.nullcontext() if sync else net.no_sync():
+        with gradient_sync(net, k == len(batches) - 1):  # DDP/FSDP reduce gradients on the last micro-batch only
             micro = token_loss_sum(model, batch, net) * world / max(n_tok, 1)
             micro.backward()
         loss += micro.detach()
@@ -340,13 +349,15 @@ def optimizer_step(model, net, batches: list[dict], optimizer, params: dict, lr:
         torch.distributed.all_reduce(loss)
         loss /= world
     grads = [p for p in params.values() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf"))  # the norm before clipping
+    norm = full_tensor(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm or float("inf")))  # before clipping
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
+    stored = local_bytes(model, optimizer)  # what this rank holds: its gradients (and moments) still exist
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # non-padding tokens
-    return dict(loss=loss.item(), grad_norm=float(norm), tokens=tokens, seconds=time.perf_counter() - t0)
+    return dict(loss=loss.item(), grad_norm=float(norm), tokens=tokens, seconds=time.perf_counter() - t0,
+                stored_bytes=stored)
 
 
 def _cycle(loader, skip: int = 0):
