@@ -158,3 +158,25 @@ def test_subspace_cli_dry_run_trains_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(S, "subspace", lambda: pytest.fail("a dry run must not train"))
     experiments_cli.main(["subspace", "--dry-run"])
     assert capsys.readouterr().out == ""
+
+
+def test_scaling_dry_run_and_its_data_file(capsys):
+    """``python -m lorabook.experiments scaling`` (notebook 07 §5): the committed data/scaling_out.json holds what
+    DDP and FSDP2 must give -- DDP sends 2 · (N-1)/N of the fp32 trainable gradients and stores a whole replica,
+    FSDP stores half of everything per rank and sends more (it gathers the frozen base)."""
+    from lorabook.experiments import scaling
+    experiments_cli.main(["scaling", "--dry-run"])
+    assert "scaling: 3 methods x (1 process, ddp, fsdp) -> scaling_out.json" in capsys.readouterr().out
+    runs = json.loads(scaling.SCALING_OUT.read_text())["runs"]
+    assert set(runs) == {f"{m}/{s}" for m in scaling.METHODS for s in ("one", "ddp", "fsdp")}
+    for m in scaling.METHODS:
+        one, ddp, fsdp = (runs[f"{m}/{s}"] for s in ("one", "ddp", "fsdp"))
+        assert one["wire_bytes_per_step"] == [0] * scaling.STEPS
+        assert ddp["wire_bytes_per_step"] == [4 * ddp["trainable_params"]] * scaling.STEPS  # 2 · 1/2 · 4 bytes
+        assert ddp["stored_bytes"] == one["stored_bytes"]
+        assert fsdp["wire_bytes_per_step"][0] > ddp["wire_bytes_per_step"][0]
+        mine, whole = fsdp["stored_bytes"][0], one["stored_bytes"][0]
+        for part in ("grads", "optimizer"):
+            assert 0.5 <= mine[part] / whole[part] <= 0.501, (m, part)
+        # the parameters, and QLoRA's NF4 codes (buffers in one process, sharded parameters under FSDP)
+        assert 0.5 <= (mine["params"] + mine["buffers"]) / (whole["params"] + whole["buffers"]) <= 0.501, m

@@ -1,6 +1,6 @@
-"""``python -m lorabook.experiments table1 | subspace | transfer | merge | table2 table5 table6 qlora [--shard k/n]
-[--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``, its
-``subspace``, ``qlora_eval`` and ``qlora_merge``)."""
+"""``python -m lorabook.experiments table1 | subspace | transfer | merge | scaling | table2 table5 table6 qlora
+[--shard k/n] [--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``,
+its ``subspace``, ``qlora_eval``, ``qlora_merge`` and ``scaling``)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,9 @@ def main(argv=None) -> None:
         return
     from .qlora_merge import cli as merge  # notebook 07's adapter merged three ways -> data/qlora_merge.json
     if "merge" in args.tables and merge(args):
+        return
+    from .scaling import cli as scaling  # notebook 07's DDP / FSDP bytes, 2 processes -> data/scaling_out.json
+    if "scaling" in args.tables and scaling(args):
         return
     if "table1" in args.tables:
         args.tables.remove("table1")

@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
     sharded = world > 1 and args.strategy == "fsdp"
     if sharded:  # an FSDP forward is a collective: every rank scores (the same answers), rank 0 reports
         after, after_s = score(progress and not rank)
-    if world > 1:
+    if world > 1:  # every rank's collectives done before any rank tears gloo down (a rank leaving early can abort)
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank:  # rank 0 scores and reports
         return {}

@@ -32,23 +32,22 @@ from .distributed import STRATEGIES
 __all__ = ["WireCounter", "ring_bytes"]
 
 
-def ring_bytes(strategy: str, world: int, trainable: int, grad_bytes: float, frozen: int = 0,
-               param_bytes: float = 2.0, micro_batches: int = 1) -> float:
+def ring_bytes(strategy: str, world: int, grad_bytes: float, param_bytes: float = 0,
+               micro_batches: int = 1) -> float:
     """Bytes one rank sends per optimizer step (the formula above; FSDP counts every unit gathered twice).
 
-    trainable / frozen: parameter counts; grad_bytes / param_bytes: bytes per element on the wire (a 4-bit base:
-    ~0.53, codes plus double-quantized constants); micro_batches: the step's gradient-accumulation count."""
+    grad_bytes: the trainable parameters' gradients, in bytes (as reduced: fp32 for lorabook's adapters);
+    param_bytes: every parameter as stored, frozen ones too (FSDP gathers them: a 4-bit base ~0.52 bytes per
+    weight); micro_batches: the step's gradient-accumulation count (FSDP gathers for each)."""
     check_choice("strategy", strategy, STRATEGIES)
     check_int("world", world, low=1)
-    check_int("micro_batches", micro_batches, low=1)
-    check_int("trainable", trainable, low=0)
-    check_int("frozen", frozen, low=0)
     check_number("grad_bytes", grad_bytes, low=0)
     check_number("param_bytes", param_bytes, low=0)
+    check_int("micro_batches", micro_batches, low=1)
     share = (world - 1) / world
     if strategy == "ddp":
-        return 2 * share * trainable * grad_bytes
-    return 2 * micro_batches * share * (trainable + frozen) * param_bytes + share * trainable * grad_bytes
+        return 2 * share * grad_bytes
+    return 2 * micro_batches * share * param_bytes + share * grad_bytes
 
 
 @dataclass
