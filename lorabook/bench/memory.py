@@ -1,6 +1,9 @@
 """``python -m lorabook.bench memory``: ``lorabook.memory.estimate`` (analytic) against ``measure`` (torch's
-MemTracker) on the same training step, fp32 + AdamW, for a tiny Llama and SmolLM2, full and LoRA, with and without
-gradient checkpointing. The ratio is estimate / measured peak."""
+MemTracker) on the same training step, AdamW, for a tiny Llama and SmolLM2: full fine-tuning, LoRA and QLoRA (r = 8
+on every linear layer but the head), each with and without gradient checkpointing -- like with like: one batch
+(SmolLM2: 4 x 128), one model in fp32 (QLoRA: its linear weights in NF4 + double quantization, bf16 compute; the
+embeddings, norms and LoRA fp32, so its estimate is ``dtype="fp32"``). The ratio is estimate / measured peak.
+"""
 from __future__ import annotations
 
 import time
@@ -9,12 +12,13 @@ from ..memory import estimate, measure
 from . import register, row
 
 
-BENCH_SHAPES = {"tiny": (4, 64), "smollm2-135m": (2, 128)}  # (batch, seq): SmolLM2 ~10-40 s a case on a CPU
+BENCH_SHAPES = {"tiny": (4, 64), "smollm2-135m": (4, 128)}  # (batch, seq): SmolLM2 ~7-40 s a case on a CPU
+METHODS = {"full": {}, "lora": dict(lora_targets="all-linear"), "qlora": dict(lora_targets="all-linear")}
 
 
 @register("memory")
 def bench_memory(quick: bool = False) -> list[dict]:
-    """estimate() vs measure() peak, fp32 + AdamW: {tiny, SmolLM2} x {full, LoRA q,v r=8} x {checkpointing}."""
+    """estimate() vs measure() peak, AdamW: {tiny, SmolLM2} x {full, LoRA, QLoRA} x {checkpointing}."""
     from ..models import load_base_model, tiny_llama
 
     models = {"tiny": tiny_llama(seed=0)}
@@ -23,12 +27,13 @@ def bench_memory(quick: bool = False) -> list[dict]:
     rows = []
     for name, model in models.items():
         B, T = BENCH_SHAPES[name]
-        for method in ("full", "lora"):
+        for method, targets in METHODS.items():
             for ckpt in (False, True):
                 t0 = time.perf_counter()
-                kw = dict(method=method, batch_size=B, seq_len=T, gradient_checkpointing=ckpt)
+                kw = dict(method=method, batch_size=B, seq_len=T, gradient_checkpointing=ckpt, **targets)
                 # one tracked step after measure's warm-up is already steady state; MemTracker is slow on big graphs
-                est, got = estimate(model, **kw), measure(model, steps=2 if name == "tiny" else 1, **kw)
+                est = estimate(model, dtype="fp32", **kw)
+                got = measure(model, steps=2 if name == "tiny" else 1, **kw)
                 case = f"{name} {method}{' +ckpt' if ckpt else ''} B{B} T{T}"
                 rows.append(row(case, "bytes", est.total, "measured (MemTracker)", got.total,
                                 peak_moment=est.peak_moment, saved_activations=est.saved_activations,

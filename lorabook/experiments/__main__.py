@@ -1,6 +1,6 @@
-"""``python -m lorabook.experiments table1 | subspace | transfer | merge | scaling | table2 table5 table6 qlora
+"""``python -m lorabook.experiments table1 | subspace | transfer | merge | peft | scaling | table2 table5 table6 qlora
 [--shard k/n] [--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``,
-its ``subspace``, ``qlora_eval``, ``qlora_merge`` and ``scaling``)."""
+its ``subspace``, ``qlora_eval``, ``qlora_merge``, ``qlora_peft`` and ``scaling``)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,9 @@ def main(argv=None) -> None:
         return
     from .qlora_merge import cli as merge  # notebook 07's adapter merged three ways -> data/qlora_merge.json
     if "merge" in args.tables and merge(args):
+        return
+    from .qlora_peft import cli as peft_run  # notebook 07's QLoRA through BitsAndBytesConfig + peft -> qlora_peft.json
+    if "peft" in args.tables and peft_run(args):
         return
     from .scaling import cli as scaling  # notebook 07's DDP / FSDP bytes, 2 processes -> data/scaling_out.json
     if "scaling" in args.tables and scaling(args):

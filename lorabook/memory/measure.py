@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .._checks import bad_choice, check_module, check_positive_int
 from ..models import enable_checkpointing
-from .estimate import CATEGORIES, ESTIMATE_OPTIMIZERS, human
+from .estimate import CATEGORIES, ESTIMATE_METHODS, ESTIMATE_OPTIMIZERS, human
 from .spec import as_spec, lora_modules
 
 __all__ = ["Measurement", "measure", "saved_by_module", "peak_over_slots", "state_bytes_after_step"]
@@ -169,17 +169,21 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
     """
     if tracker not in TRACKERS:
         raise bad_choice("tracker", tracker, TRACKERS)
-    if method not in ("full", "lora"):
-        raise bad_choice("method", method, ("full", "lora"))
+    if method not in ESTIMATE_METHODS:
+        raise bad_choice("method", method, ESTIMATE_METHODS)
     B, T = check_positive_int("batch_size", batch_size), check_positive_int("seq_len", seq_len)
     check_positive_int("lora_rank", lora_rank), check_positive_int("steps", steps)
     if optimizer not in ESTIMATE_OPTIMIZERS:
         raise bad_choice("optimizer", optimizer, ESTIMATE_OPTIMIZERS)
     m = _training_copy(model).train()
+    if method != "full":
+        lora_modules(as_spec(m), lora_targets)  # the same ValueError as estimate for a target matching nothing
     if method == "lora":
         from ..lora import add_lora
-        lora_modules(as_spec(m), lora_targets)  # the same ValueError as estimate for a target matching nothing
         add_lora(m, lora_targets, r=lora_rank, dropout=lora_dropout)
+    if method == "qlora":  # NF4 + double-quantized base (bf16 compute), LoRA on the targets (fp32)
+        from ..qlora import add_qlora
+        add_qlora(m, r=lora_rank, dropout=lora_dropout, target_modules=lora_targets, gradient_checkpointing=False)
     if gradient_checkpointing:
         enable_checkpointing(m)
     opt = _make_optimizer(optimizer, [p for p in m.parameters() if p.requires_grad], lr)
