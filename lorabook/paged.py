@@ -92,6 +92,14 @@ class PagePool:
     def where(self, key) -> str:
         return "device" if key in self.on_device else "host"
 
+    def peek(self, key) -> torch.Tensor:
+        """The page where it is (device or host), moving nothing and changing no LRU order: for reading state out
+        (``state_dict``) without paging it in."""
+        page = self.on_device.get(key, self.on_host.get(key))
+        if page is None:
+            raise KeyError(f"no page {key!r} in the pool")
+        return page
+
     def _fits(self, size: int) -> bool:
         return self.budget_bytes is None or self.device_bytes + size <= self.budget_bytes
 
@@ -229,8 +237,7 @@ class PagedAdamW(_Paged, torch.optim.Optimizer):
         if not self.state.get(param):
             raise ValueError(f"this parameter (shape {tuple(param.shape)}) has no optimizer state yet: step() first")
         pool = self._pool(param)
-        pages = [pool.on_device.get((id(param), k), pool.on_host.get((id(param), k))) for k, _, _ in
-                 self._pages(param)]
+        pages = [pool.peek((id(param), k)) for k, _, _ in self._pages(param)]
         both = torch.cat([page.to(param.device) for page in pages], dim=1)  # (2, n)
         return both[0].view_as(param).clone(), both[1].view_as(param).clone()
 
@@ -338,7 +345,7 @@ class PagedAdamW8bit(_Paged, AdamW8bit):
         pool = self._pool(param)
         parts = []
         for k, (start, stop, _, _) in enumerate(self._ranges(param)):
-            page = pool.on_device.get((id(param), k), pool.on_host.get((id(param), k)))
+            page = pool.peek((id(param), k))
             parts.append(self._views(page.to(param.device), stop - start))
         whole = {key: torch.cat([part[key].reshape(-1) for part in parts]) for key in parts[0]}
         return {k: v.view(self._state_shape(param, k)) for k, v in whole.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,3 +80,16 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10, devic
             sync()
             times.append(time.perf_counter() - t0)
     return Timing(times=times, device=str(dev))
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Inside, torch's CPU ops use ``n`` threads (None or 0: as they were); the count is restored after, so a
+    command run in a notebook's process (``lorabook.train.__main__.main``) does not change the notebook's."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(check_positive_int("n", n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -74,7 +74,8 @@ def test_paged_bench_quick_runs_and_pages_the_whole_state_each_step():
 def test_qlora_step_bench_quick_builds_the_same_model_twice():
     from lorabook.bench.qlora import qlora_step
     rows = qlora_step(quick=True)  # a smoke test of the benchmark, not a timing
-    seconds, params, gemm = rows
+    seconds, peak, params, gemm = rows
+    assert peak["metric"] == "bytes" and peak["lorabook"] > 0 and peak["peer_value"] > 0  # MemTracker, one step each
     assert gemm["max_ulp_diff"] <= 1.0  # compute_linear and torch's bf16 GEMM: the same up to the sums' order
     assert params["ratio"] == 1.0 and params["lorabook"] > 0  # the same LoRA parameters on both sides
     assert seconds["loss_diff"] < 1e-3  # the same bf16 weights (bit-exact NF4): only the LoRA arithmetic's order differs

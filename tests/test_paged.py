@@ -119,6 +119,9 @@ def test_pool_evicts_the_least_recently_used_page():
     assert pool.get("c")[0] == ord("c") and pool.where("b") == "host" and pool.where("a") == "device"
     assert pool.get("b")[0] == ord("b") and pool.where("a") == "host"  # values survive the trip
     assert pool.stats.page_ins == 2 and pool.stats.page_outs == 2 and pool.stats.peak_device_bytes == 32
+    before = (list(pool.on_device), list(pool.on_host), vars(pool.stats).copy())
+    assert pool.peek("a")[0] == ord("a") and pool.peek("c")[0] == ord("c")  # read where they are: nothing moves
+    assert (list(pool.on_device), list(pool.on_host), vars(pool.stats)) == before
 
 
 def test_moments_before_any_step_is_a_clear_error():
@@ -212,5 +215,7 @@ def test_pool_bad_use():
         pool.add("a", torch.zeros(4))
     with pytest.raises(KeyError, match="no page 'b'"):
         pool.get("b")
+    with pytest.raises(KeyError, match="no page 'b'"):
+        pool.peek("b")
     with pytest.raises(ValueError, match="a page of 128 bytes does not fit budget_bytes=64"):
         pool.add("big", torch.zeros(32))

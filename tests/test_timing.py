@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lorabook.timing import Timing, benchmark
 
@@ -23,3 +24,25 @@ def test_bad_input(kwargs, arg):
     args = dict(fn=lambda: None) | kwargs
     with pytest.raises(ValueError, match=arg):
         benchmark(**args)
+
+
+def test_torch_threads_sets_and_restores():
+    from lorabook.timing import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: unchanged
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n"):
+        with torch_threads(-1):
+            pass
+    assert torch.get_num_threads() == before
+
+
+def test_the_train_command_leaves_the_callers_threads_as_they_were(tmp_path, capsys):
+    from lorabook.train.__main__ import main
+    torch.set_num_threads(2)
+    main(["--model", "tiny", "--steps", "1", "--batch-size", "2", "--eval-n", "1", "--max-new-tokens", "1",
+          "--no-before", "--no-progress", "--threads", "1"])
+    assert torch.get_num_threads() == 2

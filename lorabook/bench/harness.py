@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import lorabook
-from ..timing import Timing, benchmark
+from ..timing import Timing, benchmark, torch_threads
 
 __all__ = ["CPU_THREADS", "bench_device", "threads", "GPT2_SIZES", "gpt2_config", "gpt2_model", "gpt2_medium", "smollm2_shaped", "step_batch", "interleaved",
            "paired_ratio", "nothing"]
@@ -35,12 +35,8 @@ def threads(n: int = CPU_THREADS):
     """Run the CPU timings on ``n`` threads. On a shared machine, torch's threads wait for each other at every
     op whenever one is descheduled: with 2 threads under load we saw medians swing 10x run to run, with one
     the spread is a few percent. Ratios, not absolute speed, are what these benchmarks report."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with torch_threads(n):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 GPT2_SIZES = {"gpt2-toy": dict(n_layer=2, n_embd=256, n_head=4), "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
@@ -84,11 +80,11 @@ def smollm2_shaped(seed: int = 0, quick: bool = False) -> nn.Module:
                       max_seq_len=2048)
 
 
-def step_batch(quick: bool, device) -> tuple[nn.Module, torch.Tensor]:
+def step_batch(quick: bool, device, batch: int = 2) -> tuple[nn.Module, torch.Tensor]:
     """The training-step benchmarks' model and batch: ``smollm2_shaped(quick)`` on ``device`` and seeded random
-    token ids (2, 128) ((2, 32) if quick)."""
+    token ids (batch, 128) ((2, 32) if quick)."""
     base = smollm2_shaped(quick=quick).to(device)
-    shape = (2, 32) if quick else (2, 128)
+    shape = (2, 32) if quick else (batch, 128)
     ids = torch.randint(0, base.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
     return base, ids
 

@@ -1,13 +1,14 @@
 """``python -m lorabook.bench qlora-step``: one QLoRA training step, lorabook against peft on bitsandbytes.
 
 The model: a random Llama of SmolLM2-135M's shape (``--quick``: the tiny test Llama), every linear layer but the
-head in NF4 with double quantization and bf16 compute, LoRA r = 8 (α = 16) on all of them, batch 2 × 128 tokens.
+head in NF4 with double quantization and bf16 compute, LoRA r = 8 (α = 16) on all of them, batch 4 × 128 tokens.
 
     lorabook     ``lorabook.qlora.add_qlora`` (LinearNF4 + LoRALinear), checkpointing off
     peer         the same weights in ``bitsandbytes.nn.Linear4bit`` (nf4, compress_statistics, bf16 compute)
                  under ``peft.get_peft_model(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``
 
 Timed: forward + backward + ``zero_grad`` (the optimizer is not the question here: ``bench paged`` times it).
+Peak memory of that step ("bytes"): torch's MemTracker over one step of each (``lorabook.memory.step_peak``).
 ``loss_diff`` is |loss_lorabook − loss_peer| on the same batch: the two dequantize to the same bf16 weights
 (bit-exact NF4), so what differs is only the order of the LoRA arithmetic (and, on the CPU, of the base's
 sums: ``lorabook.quant.linear.compute_linear`` accumulates a bf16 GEMM in fp32 BLAS).
@@ -72,22 +73,26 @@ def _qlora_step(quick: bool) -> list[dict]:
     import bitsandbytes
     import peft
 
+    from ..memory import step_peak
+
     dev = bench_device()
-    base, ids = step_batch(quick, dev)
+    base, ids = step_batch(quick, dev, batch=4)
     B, T = ids.shape
     torch.manual_seed(0)
     ours = add_qlora(copy.deepcopy(base), r=RANK, alpha=ALPHA, dropout=0.0, gradient_checkpointing=False).train()
     theirs = bnb_qlora(copy.deepcopy(base)).train()
     steps = {"lorabook": _step(ours, ids), "peer": _step(theirs, ids)}
     losses = {name: step() for name, step in steps.items()}
+    peaks = {name: step_peak(step, model, ids)["Total"] for (name, step), model in zip(steps.items(), (ours, theirs))}
     repeat = 1 if quick else 2
     t = interleaved({name: (nothing, step, nothing) for name, step in steps.items()},
-                    rounds=2 if quick else 5, repeat=repeat, warmup=1, device=dev)
+                    rounds=2 if quick else 3, repeat=repeat, warmup=1, device=dev)
     peer = f"peft {peft.__version__} + bitsandbytes {bitsandbytes.__version__}"
     trainable = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
     return [row(f"QLoRA r8 all-linear, b{B} s{T}", "seconds", t["lorabook"].median, peer, t["peer"].median,
                 paired_ratio=paired_ratio(t["lorabook"], t["peer"], repeat),
                 loss_diff=abs(losses["lorabook"] - losses["peer"])),
+            row(f"QLoRA r8 all-linear, b{B} s{T}", "bytes", peaks["lorabook"], peer, peaks["peer"]),
             row(f"QLoRA r8 all-linear, b{B} s{T}", "trainable params", trainable(ours), peer, trainable(theirs)),
             _gemm_row(quick, dev)]
 

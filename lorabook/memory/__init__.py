@@ -11,12 +11,12 @@
 """
 from .estimate import (CATEGORIES, DTYPES, ESTIMATE_METHODS, ESTIMATE_OPTIMIZERS, Estimate, estimate, human,
                        optimizer_state_bytes)
-from .measure import Measurement, measure, peak_over_slots, saved_by_module, state_bytes_after_step
+from .measure import Measurement, measure, peak_over_slots, saved_by_module, state_bytes_after_step, step_peak
 from .spec import KNOWN_MODELS, ModelSpec, as_spec, lora_modules
 from .paper import format_rows, seed_four_slots, seed_gpt3_lora, seed_qlora_llama7b
 from .widgets import calculator, plot_breakdown
 
 __all__ = ["CATEGORIES", "DTYPES", "ESTIMATE_METHODS", "ESTIMATE_OPTIMIZERS", "KNOWN_MODELS", "Estimate", "ModelSpec",
            "as_spec", "estimate", "human", "lora_modules", "optimizer_state_bytes", "Measurement", "measure",
-           "saved_by_module", "peak_over_slots", "state_bytes_after_step", "format_rows", "seed_four_slots", "seed_gpt3_lora", "seed_qlora_llama7b", "calculator",
-           "plot_breakdown"]
+           "step_peak", "saved_by_module", "peak_over_slots", "state_bytes_after_step", "format_rows",
+           "seed_four_slots", "seed_gpt3_lora", "seed_qlora_llama7b", "calculator", "plot_breakdown"]

@@ -24,7 +24,7 @@ from ..models import enable_checkpointing
 from .estimate import CATEGORIES, ESTIMATE_METHODS, ESTIMATE_OPTIMIZERS, human
 from .spec import as_spec, lora_modules
 
-__all__ = ["Measurement", "measure", "saved_by_module", "peak_over_slots", "state_bytes_after_step"]
+__all__ = ["Measurement", "measure", "saved_by_module", "peak_over_slots", "state_bytes_after_step", "step_peak"]
 
 
 @dataclass
@@ -94,6 +94,31 @@ def _lion(params, lr: float) -> torch.optim.Optimizer:
     return Lion(params, lr=lr, optim_bits=32)
 
 
+def _tracked(kind: str, model: nn.Module, optimizer, *inputs: torch.Tensor):
+    """A tracker (``_tracker``) that knows ``model``'s parameters and buffers, ``optimizer``'s state (a paged one's
+    pages too) and the ``inputs``, made before the step it will watch."""
+    mt = _tracker(kind)
+    mt.track_external(model, *([] if optimizer is None else [optimizer]), *inputs)
+    for page in _pages(optimizer):  # a paged optimizer keeps its state in pages, not in opt.state
+        mt._update_and_maybe_create_winfos(page, _optstate())
+    for p in model.parameters():  # MemTracker hooks every parameter it sees, which raises for frozen
+        if not p.requires_grad:  # ones (LoRA): mark them as hooked already
+            mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    return mt
+
+
+def step_peak(step, model: nn.Module, *inputs: torch.Tensor, optimizer=None) -> dict[str, int]:
+    """MemTracker's peak (bytes by category, and "Total") over one call of ``step()``: any training step of
+    ``model`` on ``inputs`` -- another library's too (``python -m lorabook.bench qlora-step`` measures peft's)."""
+    if not callable(step):
+        raise TypeError(f"step must be callable, got {type(step).__name__}")
+    check_module("model", model)
+    mt = _tracked("peak-only", model, optimizer, *inputs)
+    with mt:
+        step()
+    return _mt_snapshot(mt, next(model.parameters()).device, "peak")
+
+
 def _optstate():
     from torch.distributed._tools.mem_tracker import _MemRefType
     return _MemRefType.OPT
@@ -101,7 +126,7 @@ def _optstate():
 
 def _pages(optimizer) -> list[torch.Tensor]:
     """The state pages of a ``lorabook.paged`` optimizer (on the device and on the host); [] for any other."""
-    pools = getattr(optimizer, "pools", {}).values()
+    pools = getattr(optimizer, "pools", {}).values()  # (None: no optimizer)
     return [page for pool in pools for where in (pool.on_device, pool.on_host) for page in where.values()]
 
 
@@ -214,13 +239,7 @@ def measure(model, method: str = "full", optimizer: str = "adamw", batch_size: i
             # A fresh tracker per step: one tracker across steps keeps the previous step's embedding output
             # alive through its hooks when it is a leaf (enable_input_require_grads), which plain training
             # does not. ``reset_mod_stats`` would be needed to reuse one.
-            mt = _tracker(tracker)
-            mt.track_external(m, opt, ids)
-            for page in _pages(opt):  # a paged optimizer keeps its state in pages, not in opt.state
-                mt._update_and_maybe_create_winfos(page, _optstate())
-            for p in m.parameters():  # MemTracker hooks every parameter it sees, which raises for frozen
-                if not p.requires_grad:  # ones (LoRA): mark them as hooked already
-                    mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            mt = _tracked(tracker, m, opt, ids)
             with mt:
                 step(mt)
             now = _mt_snapshot(mt, dev, "peak")

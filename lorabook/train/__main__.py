@@ -16,6 +16,7 @@ from .. import data
 from .._checks import check_positive_int
 from .._io import write_text
 from ..lora import count_trainable
+from ..timing import torch_threads
 from .checkpoint import CKPT_NAME
 from .distributed import distributed
 from .loop import History, load_model, methods, prepare, train
@@ -83,8 +84,11 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"--resume needs a checkpoint at {Path(args.out or '.') / CKPT_NAME}; "
                                 "run once without --resume (with --out) first")
     check_positive_int("eval_n", args.eval_n)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):  # restored after: this may run inside a notebook's process
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     world, rank, local = distributed()
     device = f"cuda:{local}" if torch.cuda.is_available() else lorabook.device()
     torch.manual_seed(args.seed)  # the model's (and the adapter's) random init
