@@ -180,3 +180,19 @@ def test_scaling_dry_run_and_its_data_file(capsys):
             assert 0.5 <= mine[part] / whole[part] <= 0.501, (m, part)
         # the parameters, and QLoRA's NF4 codes (buffers in one process, sharded parameters under FSDP)
         assert 0.5 <= (mine["params"] + mine["buffers"]) / (whole["params"] + whole["buffers"]) <= 0.501, m
+
+
+def test_peft_dry_run_and_its_data_file(capsys):
+    """``python -m lorabook.experiments peft`` (notebook 07 §3): three QLoRA fine-tunes of one recipe -- the same
+    number of trainable parameters, and peft started from lorabook's adapter tracks lorabook's curve more closely
+    than peft from its own."""
+    from lorabook.experiments import qlora_peft
+    experiments_cli.main(["peft", "--dry-run"])
+    assert "peft: 3 QLoRA fine-tunes -> qlora_peft.json" in capsys.readouterr().out
+    runs = json.loads(qlora_peft.PEFT_OUT.read_text())["runs"]
+    assert set(runs) == set(qlora_peft.VARIANTS)
+    assert len({r["trainable_params"] for r in runs.values()}) == 1
+    ours = runs["lorabook"]["loss_curve"]
+    gap = {name: max(abs(a - b) for a, b in zip(r["loss_curve"], ours)) for name, r in runs.items()}
+    assert gap["lorabook"] == 0 and gap["peft+bnb, lorabook init"] < gap["peft+bnb"] < 0.1
+    assert all(len(r["predictions"]) == 100 and r["same_answers_as_lorabook"] >= 80 for r in runs.values())
