@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import assert_same, poison_last_linear, snapshot
 from lorabook.quant import LinearNF4, quantize_model
+from lorabook.quant import linear as linear_module
 from lorabook.quant.linear import compute_linear
 from lorabook.lora import LoRALinear, add_lora, count_trainable, lora_layers, merge_lora, merged_adapter
 from lorabook.models import chat
@@ -122,7 +123,9 @@ def test_a_16bit_linear_on_the_cpu_accumulates_in_fp32(dtype, mantissa_bits):
     x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 9, 256), (96, 256), (96,)))
     fast, native = compute_linear(x, w, b), compute_linear(x, w, b, backend="native")
     assert fast.dtype == native.dtype == dtype
-    assert torch.equal(fast, compute_linear(x, w, b, backend="fp32-accumulate"))  # "auto" on the CPU
+    auto = "native" if dtype == torch.bfloat16 and linear_module.cpu_has_bf16_matmul() else "fp32-accumulate"
+    assert torch.equal(fast, compute_linear(x, w, b, backend=auto))  # "auto" on this CPU
+    fast = compute_linear(x, w, b, backend="fp32-accumulate")
     exact = F.linear(x.double(), w.double(), b.double())  # the 16-bit values, multiplied and summed exactly
     assert within_one_ulp(fast, exact, mantissa_bits) and within_one_ulp(native, exact, mantissa_bits)
     assert within_one_ulp(fast, native.double(), mantissa_bits)  # the two differ only in the order of the sums
@@ -133,6 +136,18 @@ def test_a_16bit_linear_on_the_cpu_accumulates_in_fp32(dtype, mantissa_bits):
         assert torch.equal(compute_linear(xw, ww, backend="fp32-accumulate"), F.linear(xw, ww))
     with pytest.raises(ValueError, match="backend must be one of"):
         compute_linear(x, w, backend="bf16")
+
+
+@pytest.mark.parametrize("hardware", [False, True])
+def test_auto_takes_torchs_bf16_gemm_only_where_the_cpu_has_bf16_matrix_instructions(monkeypatch, hardware):
+    assert isinstance(linear_module.cpu_has_bf16_matmul(), bool)  # this machine's flags
+    monkeypatch.setattr(linear_module, "cpu_has_bf16_matmul", lambda: hardware)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 64, generator=g), torch.randn(32, 64, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        xs, ws = x.to(dtype), w.to(dtype)
+        chosen = "native" if hardware and dtype == torch.bfloat16 else "fp32-accumulate"
+        assert torch.equal(compute_linear(xs, ws), compute_linear(xs, ws, backend=chosen)), (dtype, chosen)
 
 
 def test_bf16_layer_forward_and_backward_use_compute_linear():

@@ -8,13 +8,16 @@ head in NF4 with double quantization and bf16 compute, LoRA r = 8 (α = 16) on a
                  under ``peft.get_peft_model(LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))``
 
 Timed: forward + backward + ``zero_grad`` (the optimizer is not the question here: ``bench paged`` times it).
-Peak memory of that step ("bytes"): torch's MemTracker over one step of each (``lorabook.memory.step_peak``).
+Peak memory of that step ("bytes"): torch's MemTracker over one step of each (``lorabook.memory.step_peak``),
+bitsandbytes' quantization state (not a parameter or buffer) handed to it so that it is counted too.
 ``loss_diff`` is |loss_lorabook − loss_peer| on the same batch: the two dequantize to the same bf16 weights
-(bit-exact NF4), so what differs is only the order of the LoRA arithmetic (and, on the CPU, of the base's
-sums: ``lorabook.quant.linear.compute_linear`` accumulates a bf16 GEMM in fp32 BLAS).
+(bit-exact NF4), so what differs is only the order of the LoRA arithmetic (and, on a CPU without bf16 matrix
+instructions, of the base's sums: there ``lorabook.quant.linear.compute_linear`` accumulates a bf16 GEMM in fp32
+BLAS; on one with them, and on a GPU, both use torch's bf16 GEMM).
 
 A second case times that choice alone: one bf16 layer of SmolLM2's MLP shape (576 -> 1536, 2 × 128 tokens),
-forward ``x Wᵀ`` and backward ``g W``, by ``compute_linear`` ("auto") against torch's own bf16 GEMM ("native").
+forward ``x Wᵀ`` and backward ``g W``, by ``compute_linear``'s fp32 sums ("fp32-accumulate") against torch's own
+bf16 GEMM ("native"); "auto" takes the second where ``cpu_has_bf16_matmul()`` (the row says which).
 ``max_ulp_diff`` is the largest difference between the two, in units of bf16's last place.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn as nn
 from . import register, row
 from .harness import bench_device, interleaved, nothing, paired_ratio, step_batch, threads
 from ..qlora import add_qlora
-from ..quant.linear import compute_linear
+from ..quant.linear import compute_linear, cpu_has_bf16_matmul
 
 RANK, ALPHA = 8, 16
 
@@ -51,6 +54,19 @@ def bnb_qlora(model: nn.Module):
                 setattr(parent, name, layer.to(child.weight.device))  # .to quantizes (on CPU too)
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0)
     return peft.get_peft_model(model, config)
+
+
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """bitsandbytes' block constants (absmax codes, the second-level absmax, code tables): attributes of each
+    ``Params4bit.quant_state``, neither parameters nor buffers, so MemTracker must be handed them to count them."""
+    tensors = {}
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for value in state.as_dict(packed=True).values():
+                if isinstance(value, torch.Tensor):
+                    tensors[id(value)] = value
+    return list(tensors.values())
 
 
 def _step(model: nn.Module, ids: torch.Tensor):
@@ -83,7 +99,8 @@ def _qlora_step(quick: bool) -> list[dict]:
     theirs = bnb_qlora(copy.deepcopy(base)).train()
     steps = {"lorabook": _step(ours, ids), "peer": _step(theirs, ids)}
     losses = {name: step() for name, step in steps.items()}
-    peaks = {name: step_peak(step, model, ids)["Total"] for (name, step), model in zip(steps.items(), (ours, theirs))}
+    peaks = {"lorabook": step_peak(steps["lorabook"], ours, ids)["Total"],
+             "peer": step_peak(steps["peer"], theirs, ids, *quant_state_tensors(theirs))["Total"]}
     repeat = 1 if quick else 2
     t = interleaved({name: (nothing, step, nothing) for name, step in steps.items()},
                     rounds=2 if quick else 3, repeat=repeat, warmup=1, device=dev)
@@ -105,14 +122,15 @@ def _gemm_row(quick: bool, dev) -> dict:
 
     def layer(backend: str):
         return lambda: (compute_linear(x, w, backend=backend), compute_linear(grad, w.t(), backend=backend))
-    runs = {"auto": layer("auto"), "native": layer("native")}
+    runs = {"fp32-accumulate": layer("fp32-accumulate"), "native": layer("native")}
     outputs = {name: run() for name, run in runs.items()}
     ulp = lambda t: torch.exp2(torch.floor(torch.log2(t.float().abs().clamp_min(1e-30))) - 7)  # noqa: E731
     max_ulp = max(((a.float() - b.float()).abs() / ulp(b)).max().item()
-                  for a, b in zip(outputs["auto"], outputs["native"]))
+                  for a, b in zip(outputs["fp32-accumulate"], outputs["native"]))
     repeat = 1 if quick else 3
     t = interleaved({name: (nothing, run, nothing) for name, run in runs.items()},
                     rounds=2 if quick else 5, repeat=repeat, warmup=1, device=dev)
-    return row(f"bf16 linear fwd+bwd {d_in}->{d_out}, {tokens} tokens", "seconds", t["auto"].median,
-               f"torch {torch.__version__.split('+')[0]} bf16 GEMM", t["native"].median,
-               paired_ratio=paired_ratio(t["auto"], t["native"], repeat), max_ulp_diff=max_ulp)
+    return row(f"bf16 linear fwd+bwd {d_in}->{d_out}, {tokens} tokens, fp32 sums", "seconds",
+               t["fp32-accumulate"].median, f"torch {torch.__version__.split('+')[0]} bf16 GEMM", t["native"].median,
+               paired_ratio=paired_ratio(t["fp32-accumulate"], t["native"], repeat), max_ulp_diff=max_ulp,
+               auto="native" if cpu_has_bf16_matmul() else "fp32-accumulate")

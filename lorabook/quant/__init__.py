@@ -5,7 +5,7 @@
                      (bit-exact with bitsandbytes), code occupancy
     double_quant.py  the block constants quantized again (8-bit dynamic map, blocks of 256), bits per parameter
     linear.py        LinearNF4 (a frozen 4-bit linear layer; LoRA on top = the QLoRA layer), quantize_model,
-                     compute_linear (a 16-bit GEMM, accumulated in fp32 on the CPU), set_compute_dtype
+                     compute_linear (a 16-bit GEMM with fp32 sums), set_compute_dtype
     fast.py          nf4's fast PyTorch paths (lookup tables), bit-exact with its readable reference functions
     cpu_kernel.py    the dequantize loop in C (AVX-512 where present), compiled on first use; nf4's fast CPU path
 """

@@ -17,6 +17,8 @@ would cost the memory that 4-bit storage saves. The weight and the bias are froz
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,19 +44,34 @@ def compute_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         "fp32-accumulate"  the same 16-bit values multiplied in fp32 and the result rounded once to x's dtype:
                            what 16-bit matrix units do (each bf16 or fp16 product is exact in fp32, the sums are
                            fp32), in the fp32 BLAS's summation order
-        "auto"             "fp32-accumulate" for bf16 and fp16 on the CPU, else "native"
+        "auto"             "native" on a GPU, for bf16 on a CPU with bf16 matrix instructions
+                           (``cpu_has_bf16_matmul``) and for fp32 / fp64; else (fp16, or bf16 on other CPUs)
+                           "fp32-accumulate"
 
-    The two agree to within one unit in the last place of the 16-bit result (only the order of the fp32 sums
-    differs; tests/test_quant_linear.py). Why "auto" does not take torch's own CPU bf16 GEMM: on a CPU without
-    AVX512-BF16 or AMX it is a slow generic loop (``python -m lorabook.bench qlora-step`` times both on a layer of
-    SmolLM2's shape)."""
+    The two agree to within a few units in the last place of the 16-bit result (only the order of the fp32 sums
+    differs; tests/test_linear_nf4.py). Why "auto" does not always take torch's own CPU bf16 GEMM: on a CPU
+    without AVX512-BF16 or AMX it is a slow generic loop, on one with them it is the fast path
+    (``python -m lorabook.bench qlora-step`` times both on a layer of SmolLM2's shape)."""
     backend = check_choice("backend", backend, LINEAR_BACKENDS)
     if backend == "auto":
         sixteen_bit_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-        backend = "fp32-accumulate" if sixteen_bit_on_cpu else "native"
+        hardware_bf16 = x.dtype == torch.bfloat16 and cpu_has_bf16_matmul()
+        backend = "fp32-accumulate" if sixteen_bit_on_cpu and not hardware_bf16 else "native"
     if backend == "native" or x.dtype not in (torch.bfloat16, torch.float16):  # fp32 / fp64: torch's GEMM as is
         return F.linear(x, weight, bias)
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware -- AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags
+    (Linux; False where that cannot be read) -- so that torch's own CPU bf16 GEMM is fast here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class _DequantizeLinear(torch.autograd.Function):
