@@ -106,6 +106,8 @@ def test_fsdp_trains_like_one_process_and_each_rank_stores_half(tmp_path, capsys
     args = ARGS + FSDP_METHODS[method]
     if method == "qlora":
         args = args[:-2] + ["--optimizer", "adamw"]  # FSDP: torch's AdamW (paged state is per whole tensor)
+    if method == "qlora":  # one micro-batch a step, and torch's memory trackers on step 2 (one forward each)
+        args += ["--grad-accum", "1", "--track-memory"]
     one, two = one_process(args, tmp_path), torchrun([*args, "--strategy", "fsdp"], tmp_path, "two")
     assert max(abs(a - b) for a, b in zip(one["loss_curve"], two["loss_curve"])) <= TOLERANCE[method]
     w1, w2 = checkpoint_params(tmp_path, "one"), checkpoint_params(tmp_path, "two")  # saved gathered whole
@@ -121,14 +123,18 @@ def test_fsdp_trains_like_one_process_and_each_rank_stores_half(tmp_path, capsys
         assert 0.5 <= mine["params"] / (whole["params"] + whole["buffers"]) <= 0.51
     else:
         assert 0.5 <= mine["params"] / whole["params"] <= 0.51
-    # on the wire, per micro-batch (grad-accum 2): each decoder layer all-gathered for its forward and again for
-    # its backward, the root unit (embeddings, norm) once; then the trainable gradients reduce-scattered once
+    if method == "qlora":  # torch's trackers agree: FSDPMemTracker's sharded parameters are the local shards,
+        peak_two, peak_one = two["peak_bytes"][0], one["peak_bytes"][0]  # MemTracker's (one process) the whole
+        assert peak_two["Sharded Param"] == mine["params"] and peak_two["OptState"] == mine["optimizer"]
+        assert peak_one["Parameter"] == whole["params"] and peak_one["Optstate"] == whole["optimizer"]
+    # on the wire, per micro-batch: each decoder layer all-gathered for its forward and again for its backward,
+    # the root unit (embeddings, norm) once; then the trainable gradients reduce-scattered once
     layers, root = unit_bytes(args)
-    n_train = two["trainable_params"]
-    expected = 0.5 * 2 * (2 * layers + root) + 0.5 * 4 * n_train
+    n_train, micro = two["trainable_params"], train_cli.parse_args(args).grad_accum
+    expected = 0.5 * micro * (2 * layers + root) + 0.5 * 4 * n_train
     assert two["wire_bytes_per_step"] == pytest.approx([expected] * 3, rel=0.01)  # the last shard is padded
-    formula = T.ring_bytes("fsdp", 2, 4 * n_train, layers + root, micro_batches=2)  # the root gathered twice too
-    assert expected <= formula <= expected + 0.5 * 2 * root
+    formula = T.ring_bytes("fsdp", 2, 4 * n_train, layers + root, micro_batches=micro)  # the root twice too
+    assert expected <= formula <= expected + 0.5 * micro * root
     assert expected > T.ring_bytes("ddp", 2, 4 * n_train)  # FSDP sends more than DDP
 
 
@@ -159,6 +165,15 @@ def test_nf4_storage_as_parameters_keeps_names_values_and_outputs(one_thread):
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
+
+
+def test_track_memory_needs_one_micro_batch_a_step():
+    model, tok = tiny_llama(seed=0, vocab_size=len(byte_tokenizer())), byte_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="track_memory=True needs grad_accum=1"):
+        T.train(model, [{"prompt": "a", "answer": "b"}] * 4, tok, steps=1, batch_size=2, grad_accum=2,
+                track_memory=True, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_what_fsdp_cannot_do_is_refused_before_anything_starts(monkeypatch):

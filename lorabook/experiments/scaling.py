@@ -5,7 +5,8 @@ Every run is ``torchrun --nproc_per_node 2 -m lorabook.train`` (``lorabook.train
 ``STEPS`` steps on this machine's CPUs; ``lorabook.train`` records per step the bytes rank 0 sent
 (``lorabook.train.wire.WireCounter``: the payloads handed to the collectives, as ring collectives send them) and
 what rank 0 stores (``lorabook.train.fsdp.local_bytes``: its parameters, gradients, AdamW moments and buffers --
-under FSDP its shards). The same settings in one process give what a whole replica stores.
+under FSDP its shards), and rank 0's peak in step 2 by torch's trackers (``--track-memory``: FSDPMemTracker under
+FSDP, MemTracker otherwise). The same settings in one process give what a whole replica stores.
 
     python -m lorabook.experiments scaling     # ~5 minutes: 6 two-process runs and 3 one-process runs
 
@@ -26,13 +27,15 @@ __all__ = ["SCALING_OUT", "METHODS", "STEPS", "COMMON", "run", "scaling", "cli"]
 SCALING_OUT = DATA / "scaling_out.json"
 STEPS = 2
 COMMON = ["--model", "smollm2", "--steps", str(STEPS), "--batch-size", "2", "--grad-accum", "1", "--max-len", "128",
-          "--warmup", "0", "--eval-n", "1", "--max-new-tokens", "2", "--no-before", "--no-progress", "--threads", "1"]
+          "--warmup", "0", "--eval-n", "1", "--max-new-tokens", "2", "--no-before", "--no-progress", "--threads", "1",
+          "--track-memory"]
 METHODS = {  # the lessons' settings: full FT (lr 1e-4), LoRA on W_q, W_v (r 8), QLoRA on every linear layer (r 8)
     "full": ["--method", "full", "--lr", "1e-4"],
     "lora": ["--method", "lora", "--targets", "q_proj,v_proj", "--rank", "8"],
     "qlora": ["--method", "qlora", "--targets", "all-linear", "--rank", "8", "--lr", "2e-4"],
 }
-KEEP = ("trainable_params", "total_params", "loss_curve", "wire_bytes_per_step", "stored_bytes", "train_wall_time_s")
+KEEP = ("trainable_params", "total_params", "loss_curve", "wire_bytes_per_step", "stored_bytes", "peak_bytes",
+        "train_wall_time_s")
 
 
 def run(method: str, strategy: str | None, folder: Path) -> dict:

@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-before", action="store_true", help="skip scoring the model before training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--track-memory", action="store_true",
+                   help="run step 2 under torch's memory tracker (FSDPMemTracker under --strategy fsdp): peak bytes")
     return p.parse_args(argv)
 
 
@@ -109,7 +111,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
                     eval_examples=data.load_split("val", n=args.eval_n) if args.eval_every else None,
                     checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                     stop_after=args.stop_after, seed=args.seed, progress=progress,
-                    log_every=max(1, args.steps // 20), optimizer=args.optimizer, strategy=args.strategy)
+                    log_every=max(1, args.steps // 20), optimizer=args.optimizer, strategy=args.strategy,
+                    track_memory=args.track_memory)
     sharded = world > 1 and args.strategy == "fsdp"
     if sharded:  # an FSDP forward is a collective: every rank scores (the same answers), rank 0 reports
         after, after_s = score(progress and not rank)
@@ -152,6 +155,7 @@ def report(history: History, examples: list[dict], before: list[str] | None, aft
                 eval_wall_time_s=eval_s, tokens_per_s=history.tokens_per_s, loss_curve=history.loss,
                 lr_curve=history.lr, eval_points=history.eval, predictions=predictions,
                 wire_bytes_per_step=history.wire_bytes, stored_bytes=history.stored_bytes[:1],  # rank 0's
+                peak_bytes=history.peak_bytes,
                 load_avg_1m=os.getloadavg()[0])  # other work on the machine slows the timings
 
 

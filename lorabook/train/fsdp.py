@@ -34,7 +34,7 @@ import torch.nn as nn
 from ..quant.linear import LinearNF4
 
 __all__ = ["decoder_layers", "check_shardable", "check_fsdp", "nf4_storage_as_parameters", "shard", "full_tensor",
-           "full_optimizer_state", "local_bytes"]
+           "full_optimizer_state", "local_bytes", "rank_step_peak"]
 
 NF4_STORAGE = ("weight_packed", "weight_absmax", "weight_absmax_codes", "weight_absmax2")  # not the 0-d offset
 
@@ -133,3 +133,21 @@ def check_fsdp(model: nn.Module, optimizer: str, resume: bool) -> None:
         raise ValueError("resume=True is not supported under strategy='fsdp' yet (a checkpoint is saved whole, and "
                          "loading it would need re-sharding); resume with strategy='ddp' or one process")
     check_shardable(model)
+
+
+def rank_step_peak(step, model: nn.Module, optimizer, *inputs: torch.Tensor) -> dict[str, int]:
+    """This rank's peak bytes by category over one call of ``step()``: torch's FSDPMemTracker for a fully_shard-ed
+    ``model`` (sharded and unsharded parameters, all-gather and reduce-scatter buffers, ...), MemTracker
+    (``lorabook.memory.step_peak``) for any other."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        from ..memory import step_peak
+        return step_peak(step, model, *inputs, optimizer=optimizer)
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    tracker = FSDPMemTracker(model, optimizer)
+    tracker.track_inputs(inputs)
+    with tracker:
+        step()
+    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()), {})  # this rank's one device
+    return {getattr(k, "value", str(k)): int(v) for k, v in snapshot.items()}

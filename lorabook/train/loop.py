@@ -43,7 +43,7 @@ from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PagedAdamW8bit
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import STRATEGIES, distributed, gradient_sync, world_size, wrap
-from .fsdp import check_fsdp, full_optimizer_state, full_tensor, local_bytes
+from .fsdp import check_fsdp, full_optimizer_state, full_tensor, local_bytes, rank_step_peak
 from .wire import WireCounter
 
 SCHEDULES = ("cosine", "constant")
@@ -162,6 +162,7 @@ class History:
     eval: list = field(default_factory=list)  # {"step", "val_loss", ["accuracy"]}
     wire_bytes: list = field(default_factory=list)  # bytes this rank sent in the step (ring collectives; 1 rank: 0)
     stored_bytes: list = field(default_factory=list)  # {params, grads, optimizer, buffers}: this rank's, at the update
+    peak_bytes: list = field(default_factory=list)  # track_memory: this rank's peak by category in one step
 
     @property
     def tokens_per_s(self) -> float:
@@ -201,7 +202,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
           eval_every: int = 0, eval_examples: list[dict] | None = None, eval_accuracy: bool = True,
           max_new_tokens: int = 40, checkpoint_dir: Path | str | None = None, checkpoint_every: int = 0,
           resume: bool = False, stop_after: int | None = None, seed: int = 0, log_every: int = 10,
-          progress: bool = True, optimizer: str = "adamw", strategy: str = "ddp") -> History:
+          progress: bool = True, optimizer: str = "adamw", strategy: str = "ddp",
+          track_memory: bool = False) -> History:
     """Train the trainable parameters of ``model`` for ``steps`` optimizer steps; return the History.
 
     batch_size: examples per micro-batch -- under torchrun over all ranks (it must divide by the world size).
@@ -213,6 +215,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     optimizer: a name of ``TRAIN_OPTIMIZERS`` (``make_optimizer``).
     strategy: under torchrun, "ddp" (every rank a whole replica; gradients all-reduced) or "fsdp" (FSDP2: each rank
         stores 1/N of parameters, gradients and moments; ``lorabook.train.fsdp``, optimizer "adamw" only).
+    track_memory: run the second step (the optimizer's state exists by then) under torch's memory tracker
+        (FSDPMemTracker under FSDP, else MemTracker; ``fsdp.rank_step_peak``): ``History.peak_bytes``.
     checkpoint_dir: save there at the end (and every ``checkpoint_every`` steps); ``resume=True`` continues
         from its checkpoint and must be given the same settings (the checkpoint is checked whole -- weights,
         optimizer state, metadata, settings -- before any of it is loaded). stop_after: stop after that step (as if the
@@ -233,10 +237,13 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     check_choice("schedule", schedule, SCHEDULES)
     check_choice("strategy", strategy, STRATEGIES)
     check_number("min_lr_ratio", min_lr_ratio, low=0, high=1)
-    for name, value in dict(resume=resume, progress=progress, eval_accuracy=eval_accuracy).items():
+    for name, value in dict(resume=resume, progress=progress, eval_accuracy=eval_accuracy,
+                            track_memory=track_memory).items():
         check_flag(name, value)
     if stop_after is not None:
         check_int("stop_after", stop_after, low=1, high=steps)
+    if track_memory and grad_accum > 1:
+        raise ValueError("track_memory=True needs grad_accum=1: torch's memory trackers follow one forward per step")
     if eval_every and not eval_examples:
         raise ValueError("eval_every > 0 needs eval_examples")
     if resume and checkpoint_dir is None:
@@ -289,7 +296,13 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
         step_lr = lr_at(step, lr, steps, warmup_steps, schedule, min_lr_ratio)
         if wire:
             wire.reset()  # count this step's traffic only (an FSDP evaluation all-gathers too)
-        point = optimizer_step(model, net, batches, opt, params, step_lr, max_grad_norm, world)
+        run = lambda: optimizer_step(model, net, batches, opt, params, step_lr, max_grad_norm, world)  # noqa: E731
+        if track_memory and step == min(start + 1, end - 1):  # steady state: the second step
+            points = []
+            history.peak_bytes.append(rank_step_peak(lambda: points.append(run()), net, opt, batches[0]["input_ids"]))
+            point = points[0]
+        else:
+            point = run()
         point["wire_bytes"] = wire.sent_per_rank() if wire else 0
         for key, value in dict(step=step + 1, lr=step_lr, **point).items():
             getattr(history, key).append(value)
