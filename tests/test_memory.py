@@ -471,17 +471,22 @@ def test_paged_optimizers_state_is_measured_in_their_pages(tiny, method, optimiz
 def test_qlora_estimate_matches_measure(tiny, targets, ckpt, bf16_hardware, monkeypatch):
     """lorabook's QLoRA of an fp32 model (NF4 + double-quantized linear weights, bf16 compute; embeddings, norms and
     LoRA in fp32) is estimate(method="qlora", dtype="fp32"): every slot as measured (the NF4 constants' bytes to
-    within 0.1%), the peak within 3% -- on a CPU with bf16 matrix instructions (torch's bf16 GEMM) and without
-    (compute_linear's fp32 copies), each played here whatever this CPU is."""
-    import sys
+    within 0.1%), the peak within 3% -- on a CPU without bf16 matrix instructions (compute_linear's fp32 copies);
+    with them (torch's bf16 GEMM) the de-quantized weight is freed before a checkpointed layer's backward peak, and
+    the estimate, the same on every machine, is above the measured peak by at most that one weight. Both are
+    played here, whatever this CPU is."""
     from lorabook.quant import linear
-    for module in (linear, sys.modules["lorabook.memory.estimate"]):
-        monkeypatch.setattr(module, "cpu_has_bf16_matmul", lambda: bf16_hardware)
+    monkeypatch.setattr(linear, "cpu_has_bf16_matmul", lambda: bf16_hardware)
     kw = dict(method="qlora", batch_size=2, seq_len=16, gradient_checkpointing=ckpt, lora_targets=targets)
     e, m = estimate(tiny, dtype="fp32", **kw), memory.measure(tiny, steps=1, **kw)
     assert abs(e.slots["weights"] / m.slots["weights"] - 1) < 1e-3
     assert {k: e.slots[k] for k in ("gradients", "optimizer", "forward")} == \
         {k: m.slots[k] for k in ("gradients", "optimizer", "forward")}
-    assert abs(e.total / m.total - 1) < 0.03, (e.moments, m.snapshot)
+    if bf16_hardware and ckpt:
+        one_weight = 4 * max(lin.in_features * lin.out_features for lin in tiny.modules()
+                             if isinstance(lin, torch.nn.Linear) and lin is not tiny.lm_head)
+        assert 0 <= e.total - m.total <= one_weight, (e.moments, m.snapshot)
+    else:
+        assert abs(e.total / m.total - 1) < 0.03, (e.moments, m.snapshot)
     full = memory.measure(tiny, steps=1, **{**kw, "method": "lora"})
     assert m.slots["weights"] < 0.4 * full.slots["weights"]  # the 4-bit base

@@ -58,7 +58,6 @@ from dataclasses import dataclass, field
 
 from .._checks import bad_choice, check_number, check_positive_int
 from ..adamw8bit import CHUNK, MIN_8BIT_SIZE, SCRATCH_BYTES_PER_ELEMENT, state8_bytes
-from ..quant.linear import cpu_has_bf16_matmul
 from .activations import layer_backward, layer_saved
 from .spec import as_spec, lora_modules
 
@@ -269,10 +268,10 @@ def estimate(model, method: str = "full", dtype: str | None = None, optimizer: s
     G_layer = [(sum((i + spec.bias) * o for i, o in lins.values()) + 2 * norm_p if full else
                 sum(r * sum(short[k]) for k in by_layer[j])) * g for j in range(L)]
     stream = a * d * N  # the gradient flowing down the residual stream
-    # qlora: a weight de-quantized for a matmul is live at the layer's peak only where compute_linear copies the
-    # 16-bit operands to fp32 (a CPU without bf16 matrix instructions); torch's bf16 GEMM frees it before (measured)
-    fp32_copies = device == "cpu" and not cpu_has_bf16_matmul()
-    deq = max(i * o for i, o in lins.values()) * a if method == "qlora" and fp32_copies else 0
+    # qlora: one weight de-quantized for a matmul at a time. Counted at each layer's backward peak, the same on every
+    # machine; measured, it is live there where compute_linear copies the 16-bit operands to fp32 (a CPU without
+    # bf16 matrix instructions), while torch's bf16 GEMM frees it first: there this is an upper bound by one weight
+    deq = max(i * o for i, o in lins.values()) * a if method == "qlora" else 0
     worst = (0, -1)
     for i in reversed(range(L)):  # each layer's backward, replayed; its start is what is live then
         peak_i, _ = layer_backward(spec, a, g, full, by_layer[i], r, reqs[i], N, saved[i])
