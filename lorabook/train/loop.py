@@ -20,10 +20,12 @@ CLI (prints the loss curve and the exact-match accuracy before and after):
     python -m lorabook.train --method lora --model smollm2 --steps 60 --out runs/sql [--resume]
 
 Under torchrun (``lorabook.train.distributed``), with WORLD_SIZE = N > 1, the model is wrapped in
-DistributedDataParallel; ``batch_size`` stays the global micro-batch and each rank reads its batch_size / N
-examples of it (DistributedSampler), the loss is normalised by the tokens of the whole global step, so N gloo
-processes reproduce the one-process loss curve (tested); rank 0 logs, evaluates and checkpoints. Run on CPUs
-(gloo) here, not yet on GPUs (nccl).
+DistributedDataParallel (``strategy="ddp"``) or sharded by FSDP2 (``strategy="fsdp"``, ``lorabook.train.fsdp``);
+``batch_size`` stays the global micro-batch and each rank reads its batch_size / N examples of it
+(DistributedSampler), the loss is normalised by the tokens of the whole global step, so N gloo processes reproduce
+the one-process loss curve under either (tested). Rank 0 logs and checkpoints (FSDP gathers the shards for it
+first); rank 0 evaluates, every rank under FSDP. Each step records the bytes this rank sent and stores
+(``lorabook.train.wire``). Run on CPUs (gloo) here, not yet on GPUs (nccl).
 """
 from __future__ import annotations
 
