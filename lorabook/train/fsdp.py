@@ -22,9 +22,13 @@ parameters: lorabook's ``LinearNF4`` keeps its codes as buffers, which FSDP woul
 state_dict, stay the same), so each rank stores 1/N of the 4-bit base too. The double-quant offset, one fp32
 scalar, stays a buffer: fully_shard refuses 0-d parameters.
 
+Checkpoints are whole: saving gathers the shards (``full_tensor``, ``full_optimizer_state``), resuming cuts the
+checked tensors into this rank's shards again (``shard_checkpoint``): a run stopped under FSDP resumes exactly
+(tested), from the same whole-tensor file one process writes.
+
 Not supported (each refused with a message): lorabook's paged and 8-bit optimizers (their state is laid out per
-whole tensor), resuming from a checkpoint (saving works: the shards are gathered whole first), a model without a
-list of decoder layers, and trainable parameters of more than one dtype (FSDP2 reduces one dtype per unit).
+whole tensor), a model without a list of decoder layers, and trainable parameters of more than one dtype (FSDP2
+reduces one dtype per unit).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import torch.nn as nn
 from ..quant.linear import LinearNF4
 
 __all__ = ["decoder_layers", "check_shardable", "check_fsdp", "nf4_storage_as_parameters", "shard", "full_tensor",
-           "full_optimizer_state", "local_bytes", "rank_step_peak"]
+           "full_optimizer_state", "shard_checkpoint", "local_bytes", "rank_step_peak"]
 
 NF4_STORAGE = ("weight_packed", "weight_absmax", "weight_absmax_codes", "weight_absmax2")  # not the 0-d offset
 
@@ -109,6 +113,25 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
+def shard_checkpoint(checkpoint, params: dict, optimizer: torch.optim.Optimizer):
+    """A ``read_checkpoint`` result (whole tensors, checked against the sharded ``params``' global shapes) with each
+    weight and each moment cut to this rank's shard: ``distribute_tensor`` onto its parameter's mesh and placements
+    (a collective: every rank, the same order). ``apply_checkpoint`` then loads it as it loads a whole one."""
+    from dataclasses import replace
+
+    from torch.distributed.tensor import distribute_tensor
+
+    def like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if not hasattr(p, "device_mesh") or tuple(t.shape) != tuple(p.shape):  # a step count, or an unsharded one
+            return t
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+
+    mine = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {i: {k: like(v, mine[i]) for k, v in slots.items()} for i, slots in checkpoint.optimizer["state"].items()}
+    return replace(checkpoint, params={n: like(checkpoint.params[n], p) for n, p in params.items()},
+                   optimizer={**checkpoint.optimizer, "state": state})
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -124,14 +147,11 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
                 optimizer=size(state), buffers=size(model.buffers()))
 
 
-def check_fsdp(model: nn.Module, optimizer: str, resume: bool) -> None:
+def check_fsdp(model: nn.Module, optimizer: str) -> None:
     """The training loop's refusals for strategy="fsdp", before torch.distributed starts or anything changes."""
     if optimizer != "adamw":
         raise ValueError(f"strategy='fsdp' trains with optimizer='adamw' only, got {optimizer!r}: lorabook's paged "
                          "and 8-bit optimizers lay their state out per whole tensor, not per shard")
-    if resume:
-        raise ValueError("resume=True is not supported under strategy='fsdp' yet (a checkpoint is saved whole, and "
-                         "loading it would need re-sharding); resume with strategy='ddp' or one process")
     check_shardable(model)
 
 

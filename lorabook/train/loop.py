@@ -45,7 +45,7 @@ from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PagedAdamW8bit
 from .checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint
 from .distributed import STRATEGIES, distributed, gradient_sync, world_size, wrap
-from .fsdp import check_fsdp, full_optimizer_state, full_tensor, local_bytes, rank_step_peak
+from .fsdp import check_fsdp, full_optimizer_state, full_tensor, local_bytes, rank_step_peak, shard_checkpoint
 from .wire import WireCounter
 
 SCHEDULES = ("cosine", "constant")
@@ -265,7 +265,7 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     if examples:  # a batch_size the data cannot fill fails here, before the model or the RNG changes
         batch_indices(len(train_data), per_rank, 0, seed, world, 0)
     if world > 1 and strategy == "fsdp":  # what FSDP cannot do, refused before torch.distributed starts
-        check_fsdp(model, optimizer, resume)
+        check_fsdp(model, optimizer)
     world, rank, local = distributed()
     net = wrap(model, strategy, local) if world > 1 else model  # FSDP: model's parameters are now its shards
     params = trainable_parameters(model)
@@ -274,6 +274,8 @@ def train(model, train_data, tokenizer, *, steps: int, lr: float = 2e-3, batch_s
     if resume:  # read and check the whole checkpoint (and the history, the step) before anything is loaded
         checkpoint = read_checkpoint(checkpoint_dir, params, opt, config)
         history, start = _resumed_history(checkpoint.file, checkpoint.state, steps)
+        if world > 1 and strategy == "fsdp":  # the whole tensors, cut to this rank's shards
+            checkpoint = shard_checkpoint(checkpoint, params, opt)
         apply_checkpoint(checkpoint, params, opt)
     else:
         torch.manual_seed(seed)  # dropout; the data order has its own seed
