@@ -17,6 +17,8 @@ from lorabook import train as T
 from lorabook.models import byte_tokenizer, tiny_llama
 from lorabook.train import __main__ as train_cli
 
+from conftest import assert_same, snapshot
+
 ARGS = ["--model", "tiny", "--method", "lora", "--steps", "3", "--batch-size", "4", "--grad-accum", "2",
         "--max-len", "512", "--eval-n", "1", "--max-new-tokens", "2", "--no-before", "--no-progress",
         "--warmup", "0", "--lr", "1e-2", "--threads", "1"]
@@ -77,15 +79,20 @@ def assert_adam_close(w1: dict, w2: dict, tol: float) -> None:
     assert diff.max() <= 3 * 1e-2  # at most 3 steps of lr
 
 
-def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
+def tiny_lora():
+    """A tiny Llama with LoRA on W_q, its tokenizer and its snapshot (what a refused call must leave as it was)."""
     model, tok = tiny_llama(seed=0, vocab_size=len(byte_tokenizer())), byte_tokenizer()
     T.prepare(model, "lora", target_modules=("q_proj",), r=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, tok, snapshot(model)
+
+
+def test_a_world_size_that_does_not_divide_the_batch_is_refused(monkeypatch):
+    model, tok, before = tiny_lora()
     monkeypatch.setenv("WORLD_SIZE", "2")
     examples = [{"prompt": "a", "answer": "b"}] * 8
     with pytest.raises(ValueError, match="batch_size=3 is not divisible by the world size 2"):
         T.train(model, examples, tok, steps=1, batch_size=3, progress=False)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert_same(snapshot(model), before)
     assert not torch.distributed.is_initialized()  # refused before the process group starts
 
 
@@ -180,31 +187,28 @@ def test_nf4_storage_as_parameters_keeps_names_values_and_outputs(one_thread):
 
 
 def test_track_memory_needs_one_micro_batch_a_step():
-    model, tok = tiny_llama(seed=0, vocab_size=len(byte_tokenizer())), byte_tokenizer()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, tok, before = tiny_lora()
     with pytest.raises(ValueError, match="track_memory=True needs grad_accum=1"):
         T.train(model, [{"prompt": "a", "answer": "b"}] * 4, tok, steps=1, batch_size=2, grad_accum=2,
                 track_memory=True, progress=False)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert_same(snapshot(model), before)
 
 
 def test_what_fsdp_cannot_do_is_refused_before_anything_starts(monkeypatch):
-    model, tok = tiny_llama(seed=0, vocab_size=len(byte_tokenizer())), byte_tokenizer()
-    T.prepare(model, "lora", target_modules=("q_proj",), r=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model, tok, before = tiny_lora()
     monkeypatch.setenv("WORLD_SIZE", "2")
     examples = [{"prompt": "a", "answer": "b"}] * 8
     fit = dict(steps=1, batch_size=2, progress=False, strategy="fsdp")
     with pytest.raises(ValueError, match="optimizer='adamw' only, got 'adamw8bit'"):
         T.train(model, examples, tok, optimizer="adamw8bit", **fit)
-    model.model.layers[0].self_attn.q_proj.lora_A["default"].data = torch.zeros(2, 64, dtype=torch.float64)
+    lora_a = model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    kept, lora_a.data = lora_a.data, torch.zeros(2, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match="trainable parameters in one dtype"):
         T.train(model, examples, tok, **fit)
-    model.model.layers[0].self_attn.q_proj.lora_A["default"].data = before[
-        "model.layers.0.self_attn.q_proj.lora_A.default"].clone()
+    lora_a.data = kept
     with pytest.raises(ValueError, match="strategy must be one of"):
         T.train(model, examples, tok, **{**fit, "strategy": "zero3"})
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert_same(snapshot(model), before)
     assert not torch.distributed.is_initialized()
 
 
