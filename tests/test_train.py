@@ -191,6 +191,20 @@ def test_cli_on_the_tiny_model(tmp_path, capsys):
     assert (tmp_path / "ck" / T.CKPT_NAME).is_file()
 
 
+def test_cli_checkpointing_changes_memory_not_the_numbers(monkeypatch):
+    """--checkpointing recomputes each decoder layer in the backward pass: the same losses, fewer saved activations."""
+    from lorabook import models
+
+    enabled = []
+    monkeypatch.setattr(train_cli, "enable_checkpointing", lambda m: enabled.append(m) or models.enable_checkpointing(m))
+    argv = ["--model", "tiny", "--steps", "2", "--batch-size", "2", "--max-len", "400", "--eval-n", "1",
+            "--max-new-tokens", "2", "--no-before", "--no-progress", "--track-memory"]
+    plain, ckpt = train_cli.main(argv), train_cli.main(argv + ["--checkpointing"])
+    assert len(enabled) == 1 and enabled[0].model.gradient_checkpointing
+    assert ckpt["loss_curve"] == plain["loss_curve"]
+    assert ckpt["peak_bytes"][0]["Activation"] < plain["peak_bytes"][0]["Activation"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs, arg", [

@@ -16,6 +16,7 @@ from .. import data
 from .._checks import check_positive_int
 from .._io import write_text
 from ..lora import count_trainable
+from ..models import check_checkpointing, enable_checkpointing
 from ..timing import torch_threads
 from .checkpoint import CKPT_NAME
 from .distributed import distributed
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-before", action="store_true", help="skip scoring the model before training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="gradient checkpointing of each decoder layer (qlora always checkpoints)")
     p.add_argument("--track-memory", action="store_true",
                    help="run step 2 under torch's memory tracker (FSDPMemTracker under --strategy fsdp): peak bytes")
     return p.parse_args(argv)
@@ -99,7 +102,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     progress = not args.no_progress
     score = lambda show: _timed(data.predict, model, tok, test_ex, args.max_new_tokens, progress=show)  # noqa
     before, before_s = (None, 0.0) if args.no_before or rank else score(progress)
+    if args.checkpointing and args.method != "qlora":
+        check_checkpointing(model)  # before prepare changes the model
     prepare(model, args.method, **method_kwargs(args, tok))
+    if args.checkpointing and args.method != "qlora":
+        enable_checkpointing(model)
     n_train, n_all = count_trainable(model)
     if rank == 0:
         print(f"{args.method} on {args.model}: {n_train:,} trainable of {n_all:,} parameters "
