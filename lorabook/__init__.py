@@ -9,10 +9,11 @@ The package, by role (each subpackage's docstring maps its modules)::
     lora/        the LoRA layer, LoRA on a model, PEFT's file format
     baselines    Adapter^H, Adapter^L, BitFit, prefix tuning, full fine-tuning (the seed's Table 2)
     latency      the seed's Table 1: inference latency of LoRA vs adapters
-    quant/       NF4 / FP4 / INT4, double quantization, LinearNF4, the compiled CPU dequantize
+    quant/       NF4 / FP4 / INT4, double quantization, LinearNF4, group-wise INT-k, the compiled CPU dequantize
     adamw8bit    AdamW8bit: m and v in 8 bits (blocks of 256), bitsandbytes' AdamW8bit bit for bit
     paged        PagedAdamW, PagedAdamW8bit: optimizer state in pages under a device budget
     qlora        add_qlora / prepare_qlora: NF4 base + LoRA + checkpointing + paged AdamW; merge_qlora
+    qalora       QA-LoRA: a group-wise INT-k base, LoRA on group means, merged exactly into the zero points
     train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``
     experiments/ the sweeps behind the notebooks' tables -> data/
     bench/       ``python -m lorabook.bench NAME``: lorabook vs its peer in the same run

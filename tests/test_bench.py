@@ -82,3 +82,13 @@ def test_qlora_step_bench_quick_builds_the_same_model_twice():
     assert gemm["max_ulp_diff"] <= 1.0  # compute_linear and torch's bf16 GEMM: the same up to the sums' order
     assert params["ratio"] == 1.0 and params["lorabook"] > 0  # the same LoRA parameters on both sides
     assert seconds["loss_diff"] < 1e-3  # the same bf16 weights (bit-exact NF4): only the LoRA arithmetic's order differs
+
+
+def test_qalora_bench_quick_compares_the_merged_int4_model():
+    from lorabook.bench.qalora import bench_qalora
+    rows = bench_qalora(quick=True)  # a smoke test of the benchmark, not a timing
+    assert [r["metric"] for r in rows] == ["seconds"] * 4 + ["bytes"] * 2
+    assert all(r["merge_rel_diff"] < 1e-2 for r in rows[:4:2])  # merged = unmerged QA-LoRA, up to bf16 rounding
+    int4, vs_nf4 = rows[4], rows[5]
+    # the tiny model's groups of 16: codes 0.5 byte a weight, an fp16 scale and an fp32 zero per 16 weights
+    assert int4["ratio"] == (0.5 + 6 / 16) / 2 and vs_nf4["lorabook"] == int4["lorabook"]

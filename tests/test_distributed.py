@@ -62,9 +62,11 @@ def test_two_gloo_processes_train_like_one(tmp_path, capsys, method):
     w1, w2 = checkpoint_params(tmp_path, "one"), checkpoint_params(tmp_path, "two")
     adapters = list(w1)
     assert adapters and set(adapters) == set(w2)
-    if method == "lora":  # the final adapter, and AdamW's moments, are the one-process ones
+    if method == "lora":  # the final adapter, and AdamW's moments, are the one-process ones, to fp32 rounding
+        # (the two ranks' gradients are summed in another order; Adam divides by √v, which magnifies that for an
+        # element whose gradient is small: measured up to 1.2e-6 on an AMD EPYC, 3 steps of lr 1e-2)
         for k in adapters:
-            torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=5e-6, msg=lambda m, k=k: f"{k}: {m}")
     else:
         assert_adam_close(w1, w2, TOLERANCE[method])
 

@@ -196,7 +196,8 @@ def test_cli_checkpointing_changes_memory_not_the_numbers(monkeypatch):
     from lorabook import models
 
     enabled = []
-    monkeypatch.setattr(train_cli, "enable_checkpointing", lambda m: enabled.append(m) or models.enable_checkpointing(m))
+    monkeypatch.setattr(train_cli, "enable_checkpointing",
+                        lambda m: enabled.append(m) or models.enable_checkpointing(m))
     argv = ["--model", "tiny", "--steps", "2", "--batch-size", "2", "--max-len", "400", "--eval-n", "1",
             "--max-new-tokens", "2", "--no-before", "--no-progress", "--track-memory"]
     plain, ckpt = train_cli.main(argv), train_cli.main(argv + ["--checkpointing"])
@@ -274,7 +275,8 @@ def test_unknown_method_and_model():
 @pytest.mark.parametrize("method", T.methods())
 def test_every_method_trains_in_the_same_loop(method):
     torch.manual_seed(0)
-    kwargs = {"qlora": dict(r=4)}.get(method, {})  # its default r=64 exceeds the tiny model's 32-wide k_proj
+    # qlora: its default r=64 exceeds the tiny model's 32-wide k_proj; qalora: r=8 exceeds 64 / 16 groups
+    kwargs = {"qlora": dict(r=4), "qalora": dict(r=2, group_size=16)}.get(method, {})
     model = T.prepare(tiny_llama(seed=0, vocab_size=len(TOK), max_seq_len=512), method, **kwargs)
     before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     h = T.train(model, EXAMPLES, TOK, steps=2, lr=1e-2, batch_size=2, **SHORT)

@@ -8,10 +8,12 @@ from .layer import BaseLayer, LoRALinear, base_layer, is_linear, lora_forward, l
 from .model import (active_adapter, add_lora, adapter_names, check_lora_targets, count_trainable, delete_adapter,
                     disable_adapters, find_targets, linear_names, lora_layers, merge_and_unload, merge_lora,
                     merged_adapter, output_head_name, select, set_adapter, switch_adapter, unmerge_lora)
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_adapter, save_adapter
+from .peft_format import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_config, load_adapter, read_adapter_files,
+                          save_adapter)
 
 __all__ = ["BaseLayer", "LoRALinear", "base_layer", "is_linear", "lora_forward", "lora_forward_fused",
            "active_adapter", "add_lora", "adapter_names", "check_lora_targets", "count_trainable", "delete_adapter",
            "disable_adapters", "find_targets", "linear_names", "lora_layers", "merge_and_unload", "merge_lora",
            "merged_adapter", "output_head_name", "select", "set_adapter", "switch_adapter", "unmerge_lora",
-           "CONFIG_NAME", "WEIGHTS_NAME", "adapter_config", "load_adapter", "save_adapter"]
+           "CONFIG_NAME", "PREFIX", "WEIGHTS_NAME", "adapter_config", "load_adapter", "read_adapter_files",
+           "save_adapter"]

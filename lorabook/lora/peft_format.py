@@ -118,7 +118,16 @@ def save_adapter(model: nn.Module, directory, adapter_name: str | None = None,
 
 # ---- loading: read, check everything, then change the model -------------------------------------------------
 
-def _read_config(directory: Path) -> dict:
+def read_adapter_files(directory, qalora: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, the tensors) of a PEFT LoRA folder, checked as far as the files alone allow.
+
+    qalora: the folder must be a QA-LoRA adapter (``use_qalora: true`` and an int ``qalora_group_size``;
+    ``lorabook.qalora`` loads it); otherwise it must not be one."""
+    directory = Path(directory)
+    return _read_config(directory, qalora), _read_tensors(directory)
+
+
+def _read_config(directory: Path, qalora: bool = False) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ValueError(f"directory {str(directory)!r} has no {CONFIG_NAME}: not a PEFT adapter folder")
@@ -130,7 +139,19 @@ def _read_config(directory: Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ValueError(f"{CONFIG_NAME}: peft_type must be 'LORA', got "
                          f"{config.get('peft_type') if isinstance(config, dict) else config!r}")
-    problems = [f"{k}={config[k]!r}" for k, off in _UNSUPPORTED.items() if config.get(k) not in (off, None, [], {})]
+    if config.get("use_qalora") and not qalora:
+        raise ValueError(f"{CONFIG_NAME} is a QA-LoRA adapter (use_qalora: true): load it with "
+                         "lorabook.qalora.load_qalora_adapter onto a model from add_qalora")
+    if qalora:
+        size = config.get("qalora_group_size")
+        if config.get("use_qalora") is not True or not isinstance(size, int) or isinstance(size, bool):
+            raise ValueError(f"{CONFIG_NAME} is not a QA-LoRA adapter: it needs use_qalora: true and an int "
+                             f"qalora_group_size, got use_qalora={config.get('use_qalora')!r}, "
+                             f"qalora_group_size={size!r}")
+    unsupported = {k: off for k, off in _UNSUPPORTED.items() if not (qalora and k == "use_qalora")}
+    problems = [f"{k}={config[k]!r}" for k, off in unsupported.items() if config.get(k) not in (off, None, [], {})]
+    if qalora and (config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora")):
+        problems.append("rank_pattern/alpha_pattern/use_rslora with QA-LoRA (one r and alpha for every layer)")
     if config.get("init_lora_weights", True) not in _PLAIN_INITS:
         problems.append(f"init_lora_weights={config['init_lora_weights']!r} (it also changes the base weights)")
     if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):

@@ -76,10 +76,22 @@ static inline uint16_t to_fp16(float x) {
     return sign | (uint16_t)(u >> 13);               /* a carry past 65504 lands on infinity, as it should */
 }
 
+/* Two families share the loops below; they differ only in a block's 16 outputs (VALUE(k), or VALUES on AVX-512):
+     NF4 / FP4 (QLoRA):          code[k] · absmax[b]
+     affine INT4 (QA-LoRA):      (k − zero[b]) · scale[b]      (the subtraction first, then one multiply) */
+#define NF4_ARGS const uint8_t* packed, const float* absmax, const float* code, void* out_, int64_t n, \
+                 int64_t blocksize, int threads
+#define INT4_ARGS const uint8_t* packed, const float* scale, const float* zero, void* out_, int64_t n, \
+                  int64_t blocksize, int threads
+#define NF4_CALL packed, absmax, code, out_, n, blocksize, threads
+#define INT4_CALL packed, scale, zero, out_, n, blocksize, threads
+#define NF4_VALUE(k) (code[k] * absmax[b])
+#define INT4_VALUE(k) (((float)(k) - zero[b]) * scale[b])
+
 /* The portable loop: per block, its 16 outputs, then two table reads per byte. */
-#define SCALAR_LOOP(T, CONVERT)                                                                               \
+#define SCALAR_LOOP(T, CONVERT, VALUE)                                                                        \
     T table[16];                                         /* this block's 16 outputs, rounded once */        \
-    for (int k = 0; k < 16; ++k) table[k] = CONVERT(code[k] * absmax[b]);                                   \
+    for (int k = 0; k < 16; ++k) table[k] = CONVERT(VALUE(k));                                              \
     for (; j < count / 2; ++j) {                                                                             \
         uint8_t byte = bytes[j];                                                                             \
         o[2 * j] = table[byte >> 4];                     /* first code in the high nibble */                \
@@ -98,20 +110,23 @@ static inline uint16_t to_fp16(float x) {
         BODY                                                                                                 \
     }
 
-#define ARGS const uint8_t* packed, const float* absmax, const float* code, void* out_, int64_t n, \
-             int64_t blocksize, int threads
-
 static inline float as_float(float x) { return x; }
-#define SCALAR(NAME, T, CONVERT) \
-static void NAME(ARGS) { T* out = out_; FOR_EACH_BLOCK(T* o = out + start; SCALAR_LOOP(T, CONVERT)) }
-SCALAR(scalar_f32, float, as_float)
-SCALAR(scalar_bf16, uint16_t, to_bf16)
-SCALAR(scalar_f16, uint16_t, to_fp16)
+#define SCALAR(NAME, ARGS, VALUE, T, CONVERT) \
+static void NAME(ARGS) { T* out = out_; FOR_EACH_BLOCK(T* o = out + start; SCALAR_LOOP(T, CONVERT, VALUE)) }
+#define SCALARS(P, F) /* family F's portable loops for the three output dtypes, named P##scalar_* */           \
+    SCALAR(P##scalar_f32, F##_ARGS, F##_VALUE, float, as_float)                                              \
+    SCALAR(P##scalar_bf16, F##_ARGS, F##_VALUE, uint16_t, to_bf16)                                           \
+    SCALAR(P##scalar_f16, F##_ARGS, F##_VALUE, uint16_t, to_fp16)
+SCALARS(, NF4)
+SCALARS(int4_, INT4)
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* AVX-512: the 16-entry table fits one register and one permute looks up 16 (fp32) or 32 (16-bit) codes. */
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512bw")))
+#define NF4_VALUES _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b]))
+#define INT4_VALUES _mm512_mul_ps(_mm512_sub_ps(_mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                                _mm512_set1_ps(zero[b])), _mm512_set1_ps(scale[b]))
 
 /* 16 bytes -> 32 codes in output order (hi, lo, hi, lo, ...) as 16-bit lanes */
 AVX512 static inline __m512i codes_16bit(const uint8_t* bytes) {
@@ -122,19 +137,22 @@ AVX512 static inline __m512i codes_16bit(const uint8_t* bytes) {
     return _mm512_and_si512(_mm512_srlv_epi16(twice, shift), _mm512_set1_epi16(15));
 }
 
-AVX512 static void avx512_f32(ARGS) {
-    float* out = out_;
-    FOR_EACH_BLOCK(
-        float* o = out + start;
-        __m512 values = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b]));  /* the 16 outputs */
-        const __m512i shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-        for (; j + 8 <= count / 2; j += 8) {             /* 8 bytes -> 16 values; vpermps reads 4 index bits */
-            __m128i eight = _mm_loadl_epi64((const __m128i*)(bytes + j));
-            __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(eight, eight)), shift);
-            _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(idx, values));
-        }
-        if (2 * j < count) { SCALAR_LOOP(float, as_float) })  /* a partial last block's tail */
+#define AVX512_F32(NAME, ARGS, VALUES, VALUE)                                                                 \
+AVX512 static void NAME(ARGS) {                                                                               \
+    float* out = out_;                                                                                        \
+    FOR_EACH_BLOCK(                                                                                           \
+        float* o = out + start;                                                                               \
+        __m512 values = VALUES;                          /* the block's 16 outputs */                        \
+        const __m512i shift = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);              \
+        for (; j + 8 <= count / 2; j += 8) {             /* 8 bytes -> 16 values; vpermps reads 4 index bits */ \
+            __m128i eight = _mm_loadl_epi64((const __m128i*)(bytes + j));                                     \
+            __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(eight, eight)), shift);   \
+            _mm512_storeu_ps(o + 2 * j, _mm512_permutexvar_ps(idx, values));                                  \
+        }                                                                                                     \
+        if (2 * j < count) { SCALAR_LOOP(float, as_float, VALUE) })  /* a partial last block's tail */      \
 }
+AVX512_F32(avx512_f32, NF4_ARGS, NF4_VALUES, NF4_VALUE)
+AVX512_F32(int4_avx512_f32, INT4_ARGS, INT4_VALUES, INT4_VALUE)
 
 /* the 16 fp32 outputs rounded to 16 bits, in the low lanes of a register (vpermw reads 32 lanes; the codes
    only ever pick lanes 0..15): bf16 by the same round-to-nearest-even as to_bf16, fp16 by the CPU's converter */
@@ -148,18 +166,20 @@ AVX512 static inline __m512i table_f16(__m512 values) {
     return _mm512_castsi256_si512(_mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-#define AVX512_16BIT(NAME, TABLE, CONVERT)                                                                    \
+#define AVX512_16BIT(NAME, ARGS, VALUES, VALUE, TABLE, CONVERT)                                               \
 AVX512 static void NAME(ARGS) {                                                                               \
     uint16_t* out = out_;                                                                                     \
     FOR_EACH_BLOCK(                                                                                           \
         uint16_t* o = out + start;                                                                            \
-        __m512i values = TABLE(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b])));            \
+        __m512i values = TABLE(VALUES);                                                                       \
         for (; j + 16 <= count / 2; j += 16)             /* 16 bytes -> 32 values */                          \
             _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(codes_16bit(bytes + j), values));        \
-        if (2 * j < count) { SCALAR_LOOP(uint16_t, CONVERT) })  /* a partial last block's tail */            \
+        if (2 * j < count) { SCALAR_LOOP(uint16_t, CONVERT, VALUE) })  /* a partial last block's tail */     \
 }
-AVX512_16BIT(avx512_bf16, table_bf16, to_bf16)
-AVX512_16BIT(avx512_f16, table_f16, to_fp16)
+AVX512_16BIT(avx512_bf16, NF4_ARGS, NF4_VALUES, NF4_VALUE, table_bf16, to_bf16)
+AVX512_16BIT(avx512_f16, NF4_ARGS, NF4_VALUES, NF4_VALUE, table_f16, to_fp16)
+AVX512_16BIT(int4_avx512_bf16, INT4_ARGS, INT4_VALUES, INT4_VALUE, table_bf16, to_bf16)
+AVX512_16BIT(int4_avx512_f16, INT4_ARGS, INT4_VALUES, INT4_VALUE, table_f16, to_fp16)
 static int use_avx512(int simd) {
     return simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
@@ -167,23 +187,31 @@ static int use_avx512(int simd) {
 #define avx512_f32 scalar_f32
 #define avx512_bf16 scalar_bf16
 #define avx512_f16 scalar_f16
+#define int4_avx512_f32 int4_scalar_f32
+#define int4_avx512_bf16 int4_scalar_bf16
+#define int4_avx512_f16 int4_scalar_f16
 static int use_avx512(int simd) { return 0; }
 #endif
 
 /* simd: 1 = AVX-512 where the CPU has it, 0 = the portable loop. Returns 1 if AVX-512 ran. */
-#define ENTRY(NAME, SCALAR, VECTOR)                                                                           \
+#define ENTRY(NAME, ARGS, CALL, SCALAR, VECTOR)                                                               \
 int NAME(ARGS, int simd) {                                                                                    \
     int vector = use_avx512(simd);                                                                            \
-    (vector ? VECTOR : SCALAR)(packed, absmax, code, out_, n, blocksize, threads);                           \
+    (vector ? VECTOR : SCALAR)(CALL);                                                                         \
     return vector;                                                                                            \
 }
-ENTRY(dequantize_4bit_f32, scalar_f32, avx512_f32)
-ENTRY(dequantize_4bit_bf16, scalar_bf16, avx512_bf16)
-ENTRY(dequantize_4bit_f16, scalar_f16, avx512_f16)
+#define ENTRIES(NAME, P, F) /* the exported functions NAME##_f32 / _bf16 / _f16 of family F */                 \
+    ENTRY(NAME##_f32, F##_ARGS, F##_CALL, P##scalar_f32, P##avx512_f32)                                      \
+    ENTRY(NAME##_bf16, F##_ARGS, F##_CALL, P##scalar_bf16, P##avx512_bf16)                                   \
+    ENTRY(NAME##_f16, F##_ARGS, F##_CALL, P##scalar_f16, P##avx512_f16)
+ENTRIES(dequantize_4bit, , NF4)
+ENTRIES(dequantize_int4, int4_, INT4)
 """
 
 FUNCTIONS = {torch.float32: "dequantize_4bit_f32", torch.bfloat16: "dequantize_4bit_bf16",
              torch.float16: "dequantize_4bit_f16"}
+INT4_FUNCTIONS = {torch.float32: "dequantize_int4_f32", torch.bfloat16: "dequantize_int4_bf16",
+                  torch.float16: "dequantize_int4_f16"}
 PARALLEL_FROM = 2 ** 16  # values; below this, starting threads costs more than it saves
 FLAGS = ["-O3", "-shared", "-fPIC"]  # -O3 without -ffast-math: the fp32 products stay exact IEEE
 OPENMP = "-fopenmp"  # tried first; a compiler without OpenMP (Apple's clang) builds a one-thread loop instead
@@ -228,7 +256,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(library))
     except OSError as error:
         return None, f"cannot load {library}: {error}"
-    for name in FUNCTIONS.values():
+    for name in (*FUNCTIONS.values(), *INT4_FUNCTIONS.values()):
         function = getattr(lib, name)
         function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         function.restype = ctypes.c_int
@@ -290,21 +318,47 @@ def dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     packed (ceil(n / 2),) uint8, absmax (ceil(n / blocksize),) fp32, code (16,) fp32, out (n,) fp32/bf16/fp16 --
     all contiguous CPU tensors (checked here: the C loop trusts them). simd: use AVX-512 where the CPU has it (else
     the portable loop). Returns whether AVX-512 ran. Raises RuntimeError if not ``available()``."""
+    _check_blocksize("blocksize", blocksize)
+    n = out.numel()
+    return _call(FUNCTIONS, blocksize, simd, packed=(packed, torch.uint8, (n + 1) // 2),
+                 absmax=(absmax, torch.float32, -(-n // blocksize)), code=(code, torch.float32, 16), out=(out, None, n))
+
+
+def dequantize_int4_into(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor,
+                         group_size: int, simd: bool = True) -> bool:
+    """out[i] = dtype((codes[i] − zero[g]) · scale[g]), g = i // group_size: QA-LoRA's affine INT4 groups
+    (``lorabook.quant.groupwise``), the same loop with a group's 16 outputs made from its scale and zero point.
+
+    packed (ceil(n / 2),) uint8 (first code in the high nibble), scale and zero (ceil(n / group_size),) fp32,
+    out (n,) fp32/bf16/fp16, contiguous CPU tensors. Returns whether AVX-512 ran."""
+    _check_blocksize("group_size", group_size)
+    n, groups = out.numel(), -(-out.numel() // group_size)
+    return _call(INT4_FUNCTIONS, group_size, simd, packed=(packed, torch.uint8, (n + 1) // 2),
+                 scale=(scale, torch.float32, groups), zero=(zero, torch.float32, groups), out=(out, None, n))
+
+
+def _check_blocksize(name: str, blocksize) -> int:
+    """A positive even int (a block then starts on a byte); returns it."""
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"{name} must be a positive even int, got {blocksize!r}")
+    return blocksize
+
+
+def _call(functions: dict, blocksize: int, simd: bool, **tensors) -> bool:
+    """Check the tensors (name=(tensor, dtype or None for out's own, numel)) and run the loop for out's dtype."""
     lib, why = _load()
     if lib is None:
         raise RuntimeError(f"the compiled 4-bit kernel is not available: {why}")
-    if not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
-        raise ValueError(f"blocksize must be a positive even int, got {blocksize!r}")
-    if out.dtype not in FUNCTIONS:
+    out = tensors["out"][0]
+    if out.dtype not in functions:
         raise ValueError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
-    n = out.numel()
-    expected = {"packed": (packed, torch.uint8, (n + 1) // 2), "absmax": (absmax, torch.float32, -(-n // blocksize)),
-                "code": (code, torch.float32, 16), "out": (out, out.dtype, n)}
-    for name, (tensor, dtype, numel) in expected.items():
+    for name, (tensor, dtype, numel) in tensors.items():
+        dtype = out.dtype if dtype is None else dtype
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype or \
                 tensor.numel() != numel:
             raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of {numel} elements, got "
                              f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}")
+    n = out.numel()
     threads = torch.get_num_threads() if n >= PARALLEL_FROM else 1
-    return bool(getattr(lib, FUNCTIONS[out.dtype])(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
-                                                   out.data_ptr(), n, blocksize, threads, int(simd)))
+    pointers = [t.data_ptr() for t, _, _ in tensors.values()]  # packed, the two per-block tables, out
+    return bool(getattr(lib, functions[out.dtype])(*pointers, n, blocksize, threads, int(simd)))

@@ -75,17 +75,24 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 class _DequantizeLinear(torch.autograd.Function):
-    """y = x Wᵀ + b with W dequantized on the fly; the backward dequantizes W again (nothing (out, in) is saved)."""
+    """y = x Wᵀ + b with W = dequantize() on the fly; the backward calls it again (nothing (out, in) is saved)."""
 
     @staticmethod
-    def forward(ctx, x, q: QuantizedTensor, bias, dtype: torch.dtype):  # x (..., in) -> (..., out)
-        ctx.q, ctx.dtype = q, dtype
-        return compute_linear(x, dequantize_4bit(q, dtype), bias)
+    def forward(ctx, x, dequantize, bias):  # x (..., in) -> (..., out)
+        ctx.dequantize = dequantize
+        return compute_linear(x, dequantize(), bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (..., out) -> grad_x (..., in); W and b are frozen
-        grad_x = compute_linear(grad_out, dequantize_4bit(ctx.q, ctx.dtype).t()) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        grad_x = compute_linear(grad_out, ctx.dequantize().t()) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def dequantize_linear(x: torch.Tensor, dequantize, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``compute_linear(x, dequantize(), bias)`` for a frozen quantized weight: ``dequantize()`` returns W (out, in)
+    in x's dtype, and the backward calls it again instead of keeping W from the forward (that would cost the
+    memory the quantized storage saves). x (..., in) -> (..., out)."""
+    return _DequantizeLinear.apply(x, dequantize, bias)
 
 
 class LinearNF4(nn.Module):
@@ -154,8 +161,8 @@ class LinearNF4(nn.Module):
         # W is rounded from fp32 to compute_dtype once (bitsandbytes goes through the weight's own dtype first;
         # the two agree whenever compute_dtype is that dtype or the weight was fp32)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = _DequantizeLinear.apply(x.to(self.compute_dtype), self.quantized, bias, self.compute_dtype)
-        return y.to(x.dtype)
+        q, dtype = self.quantized, self.compute_dtype
+        return dequantize_linear(x.to(dtype), lambda: dequantize_4bit(q, dtype), bias).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) casts every floating-point buffer; the fp32 block constants must only follow the device.

@@ -23,11 +23,15 @@ from .distributed import distributed
 from .loop import History, load_model, methods, prepare, train
 
 OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
-    ("--method", str, "lora", "lora, qlora (NF4 base + LoRA), adapter_h, adapter_l, bitfit, prefix or full"),
+    ("--method", str, "lora", "lora, qlora (NF4 base + LoRA), qalora (group-wise INT-k base + LoRA on group means), "
+     "adapter_h, adapter_l, bitfit, prefix or full"),
     ("--model", str, "smollm2", "smollm2 or tiny (a random 2-layer Llama, for smoke tests)"),
     ("--steps", int, 30, "optimizer steps"), ("--lr", float, 3e-3, "peak learning rate"),
-    ("--rank", int, 8, "lora/qlora: rank r"), ("--alpha", float, 16, "lora/qlora: alpha (the scale is alpha/r)"),
-    ("--targets", str, "q_proj,v_proj", "lora/qlora: comma-separated layer names, or all-linear"),
+    ("--rank", int, 8, "lora/qlora/qalora: rank r"),
+    ("--alpha", float, 16, "lora/qlora/qalora: alpha (the scale is alpha/r)"),
+    ("--targets", str, "q_proj,v_proj", "lora/qlora/qalora: comma-separated layer names, or all-linear"),
+    ("--bits", int, 4, "qalora: bits per weight (2, 3, 4 or 8)"),
+    ("--group-size", int, 32, "qalora: input columns per quantization group (a power of two >= 8)"),
     ("--optimizer", str, "adamw", "adamw, paged_adamw (lorabook.paged: the same updates, state in pages), adamw8bit "
      "(8-bit m and v, bitsandbytes' numbers) or paged_adamw8bit"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
@@ -66,9 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def method_kwargs(args, tokenizer=None) -> dict:
     """The CLI options that concern ``args.method``, as ``prepare`` takes them."""
-    if args.method in ("lora", "qlora"):
+    if args.method in ("lora", "qlora", "qalora"):
         targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
-        extra = dict(dropout=0.0) if args.method == "qlora" else {}  # qlora's default 0.05; lora's is 0
+        extra = {"qlora": dict(dropout=0.0),  # qlora's default is 0.05; lora's and qalora's are 0
+                 "qalora": dict(bits=args.bits, group_size=args.group_size)}.get(args.method, {})
         return dict(target_modules=targets, r=args.rank, alpha=args.alpha, **extra)
     if args.method == "prefix" and args.prefix_text is not None:
         ids = tokenizer(args.prefix_text, add_special_tokens=False)["input_ids"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import baselines, data, qlora
+from .. import baselines, data, qalora, qlora
 from .._checks import check_choice, check_flag, check_int, check_module, check_number, check_positive_int
 from ..adamw8bit import AdamW8bit
 from ..paged import PagedAdamW, PagedAdamW8bit
@@ -56,15 +56,19 @@ SCHEDULES = ("cosine", "constant")
 
 def methods() -> tuple[str, ...]:
     """The fine-tuning methods ``prepare`` knows: lora, adapter_h, adapter_l, bitfit, prefix, full (the seed's
-    Table 2, ``lorabook.baselines``) and qlora (``lorabook.qlora.add_qlora``)."""
-    return (*baselines.PREPARE_FUNCTIONS, "qlora")
+    Table 2, ``lorabook.baselines``), qlora (``lorabook.qlora.add_qlora``) and qalora
+    (``lorabook.qalora.add_qalora``)."""
+    return (*baselines.PREPARE_FUNCTIONS, "qlora", "qalora")
 
 
 def prepare(model, method: str, **kwargs):
     """Make ``model`` train with ``method`` (in place; returns it): ``lorabook.baselines.prepare``, or for "qlora"
-    ``lorabook.qlora.add_qlora`` (an NF4 base under LoRA). kwargs go to the method (e.g. lora: target_modules, r)."""
+    ``lorabook.qlora.add_qlora`` (an NF4 base under LoRA), for "qalora" ``lorabook.qalora.add_qalora`` (a
+    group-wise INT-k base, LoRA on group means). kwargs go to the method (e.g. lora: target_modules, r)."""
     if method == "qlora":
         return qlora.add_qlora(model, **kwargs)
+    if method == "qalora":
+        return qalora.add_qalora(model, **kwargs)
     return baselines.prepare(model, method, **kwargs)
 
 
