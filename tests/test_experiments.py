@@ -41,6 +41,22 @@ def test_qlora_table_pairs_each_adapter_on_both_bases():
     assert E.tables()["table2"]["LoRA (all linear, r=8)"] == table["LoRA, fp32 base (all linear, r=8)"]  # shared
 
 
+def test_qalora_table_pairs_ptq_and_qalora_at_each_bit_width_and_group():
+    from lorabook.train.__main__ import parse_args
+
+    table = E.tables()["qalora"]
+    assert len(table) == 1 + 2 * len(E.QALORA_BITS) * len(E.QALORA_GROUPS)
+    for bits in E.QALORA_BITS:
+        for group in E.QALORA_GROUPS:
+            ptq = parse_args(table[f"QLoRA merged -> INT{bits} g{group} (PTQ)"][1] + E.COMMON)
+            qa = parse_args(table[f"QA-LoRA INT{bits} g{group}, merged"][1] + E.COMMON)
+            assert (ptq.method, ptq.ptq_bits, ptq.ptq_group_size, ptq.merge) == ("qlora", bits, group, True)
+            assert (qa.method, qa.bits, qa.group_size, qa.merge) == ("qalora", bits, group, True)
+            assert (ptq.rank, ptq.lr, ptq.steps, ptq.targets) == (qa.rank, qa.lr, qa.steps, qa.targets)
+    with pytest.raises(ValueError, match="run the qalora table on its own"):
+        experiments_cli.main(["qalora", "table5", "--dry-run"])
+
+
 def test_runs_shared_by_tables_run_once_and_finished_runs_are_skipped():
     todo = E.pending_runs(["table5", "table6"], done={})
     ids = [run for run, _ in todo]

@@ -224,3 +224,38 @@ def test_bad_adapter_folders_are_refused(tmp_path):
     assert_same(snapshot(model), before)
     with pytest.raises(ValueError, match="nothing to save"):
         qalora.save_qalora_adapter(tiny_llama(seed=0), tmp_path / "none")
+
+
+TINY_CLI = ["--model", "tiny", "--targets", "all-linear", "--rank", "2", "--steps", "2", "--batch-size", "2",
+            "--max-len", "400", "--eval-n", "2", "--max-new-tokens", "4", "--no-before", "--no-progress",
+            "--lr", "1e-2"]
+
+
+def test_the_cli_scores_the_merged_model():
+    from lorabook.train import __main__ as train_cli
+
+    qa = ["--method", "qalora", "--group-size", "16"]
+    unmerged, merged = train_cli.main(TINY_CLI + qa), train_cli.main(TINY_CLI + qa + ["--merge"])
+    assert merged["merge"] == "merge_qalora" and "merge" not in unmerged
+    assert [p["after"] for p in merged["predictions"]] == [p["after"] for p in unmerged["predictions"]]
+    n = sum(64 * 64 + 64 * 32 * 2 + 64 * 64 + 2 * 64 * 128 + 128 * 64 for _ in range(2))  # tiny: weights of 2 layers
+    assert merged["linear_bytes"] == n // 2 + 6 * n // 16  # INT4 codes + an fp16 scale and fp32 zero per 16
+    ptq = train_cli.main(TINY_CLI + ["--method", "lora", "--merge", "--ptq-bits", "3", "--ptq-group-size", "16"])
+    assert ptq["merge"] == "merge_lora, then round to nearest INT3 in groups of 16"
+    assert ptq["linear_bytes"] == 3 * n // 8 + 6 * n // 16
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--method", "lora", "--ptq-bits", "4"], "--ptq-bits quantizes the merged model: add --merge"),
+    (["--method", "bitfit", "--merge"], r"method \(to merge\) must be one of \['lora', 'qlora', 'qalora'\]"),
+    (["--method", "qalora", "--group-size", "16", "--merge", "--ptq-bits", "4"], "is group-wise INT-k already"),
+    (["--method", "lora", "--merge", "--ptq-bits", "4", "--ptq-group-size", "128"],
+     "ptq_group_size: model.layers.0.self_attn.q_proj: in_features 64 is not divisible by group_size 128"),
+    (["--method", "lora", "--merge", "--ptq-bits", "5"], r"bits must be one of \[2, 3, 4, 8\], got 5"),
+])
+def test_bad_merge_settings_are_refused_before_training(extra, match, monkeypatch):
+    from lorabook.train import __main__ as train_cli
+
+    monkeypatch.setattr(train_cli, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=match):
+        train_cli.main(TINY_CLI + extra)

@@ -42,13 +42,7 @@ def _trained(Bs) -> None:
 
 
 def _linear_bytes(model: nn.Module, kind: type) -> int:
-    return sum(m.nbytes if kind is LinearGroupwise else m.weight_packed.numel() + _nf4_constants(m)
-               for m in model.modules() if isinstance(m, kind))
-
-
-def _nf4_constants(m: LinearNF4) -> int:
-    tensors = (m.weight_absmax, m.weight_absmax_codes, m.weight_absmax2, m.weight_absmax_offset)
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(m.nbytes for m in model.modules() if isinstance(m, kind))
 
 
 @register("qalora")

@@ -18,6 +18,7 @@ examples, exact match on the first 100 test examples), so a cell costs ~4 minute
     python -m lorabook.experiments table2 table5 table6 qlora [--shard 0/2] [--out data/lora_tables.json]
     python -m lorabook.experiments table1 [--rounds 30]      # ~12 minutes on a quiet machine
     python -m lorabook.experiments subspace                  # ~10 minutes: lorabook.experiments.subspace
+    python -m lorabook.experiments qalora [--shard 0/2]      # QA-LoRA vs QLoRA + PTQ -> data/qalora_tables.json
 
 Runs already in ``--out`` with the same command are skipped, so an interrupted sweep resumes; ``--shard k/n``
 runs every n-th pending run, so n processes (one thread each) share the grid and the file (writes are locked).
@@ -38,9 +39,9 @@ from .._io import write_text
 from ..data import DATA_DIR as DATA
 
 __all__ = ["OUT", "LATENCY_OUT", "COMMON", "WEIGHTS", "PAPER", "RANKS", "PREFIX_TEXT", "BASELINES", "lora_run",
-           "tables", "pending_runs", "load", "summarise", "record", "write_json", "file_command", "table_rows",
-           "latency"]
-OUT, LATENCY_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json"
+           "QALORA_BITS", "QALORA_GROUPS", "QALORA_OUT", "qalora_table", "tables", "pending_runs", "load", "summarise",
+           "record", "write_json", "file_command", "table_rows", "latency"]
+OUT, LATENCY_OUT, QALORA_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json", DATA / "qalora_tables.json"
 COMMON = ["--steps", "30", "--batch-size", "8", "--max-len", "160", "--warmup", "3", "--schedule", "cosine",
           "--eval-n", "100", "--threads", "1", "--no-before", "--no-progress", "--seed", "0"]
 WEIGHTS = {"W_q": "q_proj", "W_k": "k_proj", "W_v": "v_proj", "W_o": "o_proj",
@@ -91,7 +92,28 @@ def tables() -> dict[str, dict[str, tuple[str, list[str]]]]:
     t6 = {f"{w}, r={r}": lora_run(w, r) for w in PAPER["table6"] for r in RANKS}
     qlora = {f"{name} ({w}, r=8)": lora_run(w, 8, method) for w in ("W_q, W_v", "all linear")
              for name, method in (("LoRA, fp32 base", "lora"), ("QLoRA, NF4 base", "qlora"))}
-    return {"table2": t2, "table5": t5, "table6": t6, "qlora": qlora}
+    return {"table2": t2, "table5": t5, "table6": t6, "qlora": qlora, "qalora": qalora_table()}
+
+
+QALORA_BITS, QALORA_GROUPS = (4, 3, 2), (32, 64)  # SmolLM2's 576 inputs take groups of 64 at most (576 = 9 · 64)
+
+
+def qalora_table() -> dict[str, tuple[str, list[str]]]:
+    """QA-LoRA's Table 1 in shape (Xu et al. 2023): at k = 4, 3, 2 bits and groups of 32 and 64, QLoRA merged then
+    rounded to INT-k (post-training quantization) against QA-LoRA merged (INT-k by construction). Every cell: r = 8
+    on every linear layer, the recipe of the other tables, scored after ``--merge``."""
+    _, qlora_args = lora_run("all linear", 8, "qlora")
+    _, qalora_args = lora_run("all linear", 8, "qalora")
+    cells = {"QLoRA merged, 16-bit": ("qlora-all-r8-merged", qlora_args + ["--merge"])}
+    for bits in QALORA_BITS:
+        for group in QALORA_GROUPS:
+            cells[f"QLoRA merged -> INT{bits} g{group} (PTQ)"] = (
+                f"qlora-all-r8-ptq{bits}-g{group}",
+                qlora_args + ["--merge", "--ptq-bits", str(bits), "--ptq-group-size", str(group)])
+            cells[f"QA-LoRA INT{bits} g{group}, merged"] = (
+                f"qalora-all-r8-b{bits}-g{group}",
+                qalora_args + ["--bits", str(bits), "--group-size", str(group), "--merge"])
+    return cells
 
 
 def pending_runs(names: list[str], done: dict) -> list[tuple[str, list[str]]]:
@@ -131,7 +153,8 @@ def summarise(args: list[str], result: dict) -> dict:
     wrong = [p for p in result["predictions"] if not p["match"]]
     keep = ("trainable_params", "total_params", "accuracy_after", "eval_n", "train_wall_time_s", "tokens_per_s",
             "loss_curve", "load_avg_1m", "torch", "threads")
-    return dict(args=args, **{k: result[k] for k in keep}, errors=[
+    merged = {k: result[k] for k in ("merge", "linear_bytes") if k in result}  # runs with --merge
+    return dict(args=args, **{k: result[k] for k in keep}, **merged, errors=[
         {k: p[k] for k in ("question", "gold", "after")} for p in wrong[:3]])
 
 

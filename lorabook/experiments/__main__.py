@@ -1,6 +1,6 @@
-"""``python -m lorabook.experiments table1 | subspace | transfer | merge | peft | scaling | table2 table5 table6 qlora
-[--shard k/n] [--dry-run]``: the sweeps behind notebooks 03 and 07, written to data/ (see ``lorabook.experiments``,
-its ``subspace``, ``qlora_eval``, ``qlora_merge``, ``qlora_peft`` and ``scaling``)."""
+"""``python -m lorabook.experiments table1 | subspace | transfer | merge | peft | scaling | table2 table5 table6 qlora |
+qalora [--shard k/n] [--dry-run]``: the sweeps behind notebooks 03, 07 and 08, written to data/ (see
+``lorabook.experiments``, its ``subspace``, ``qlora_eval``, ``qlora_merge``, ``qlora_peft`` and ``scaling``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +9,15 @@ from pathlib import Path
 
 from ..latency import format_table
 from ..train.__main__ import main as train_main
-from . import COMMON, LATENCY_OUT, OUT, latency, load, pending_runs, record, summarise, tables, write_json
+from . import COMMON, LATENCY_OUT, OUT, QALORA_OUT, latency, load, pending_runs, record, summarise, tables, write_json
 from . import __doc__ as experiments_doc
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m lorabook.experiments", description=experiments_doc.split("\n")[0])
     p.add_argument("tables", nargs="+", help=f"table1, subspace and/or any of {sorted(tables())}")
-    p.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default: {OUT})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results JSON (default: {OUT}; for the qalora table {QALORA_OUT})")
     p.add_argument("--shard", default="0/1", help="k/n: run every n-th pending run starting at k (default 0/1)")
     p.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
     p.add_argument("--rounds", type=int, default=30, help="table1: bracketed timing rounds (default 30)")
@@ -49,6 +50,10 @@ def main(argv=None) -> None:
             print(f"wrote {SUBSPACE_OUT.name}")
         if not args.tables:
             return
+    if args.out is None:
+        if "qalora" in args.tables and len(args.tables) > 1:
+            raise ValueError(f"run the qalora table on its own: it goes to {QALORA_OUT.name}, the others to {OUT.name}")
+        args.out = QALORA_OUT if args.tables == ["qalora"] else OUT
     k, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= k < n:
         raise ValueError(f"--shard must be k/n with 0 <= k < n, got {args.shard!r}")

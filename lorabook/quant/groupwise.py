@@ -30,14 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_module
 from ..lora.layer import BaseLayer
+from ..lora.model import output_head_name
 from . import cpu_kernel
 from .linear import dequantize_linear
 
 __all__ = ["BITS", "GroupQuantized", "quantize_groupwise", "dequantize_groupwise", "dequantize_groupwise_reference",
            "pack_codes", "unpack_codes", "check_bits", "check_group_size", "SCALE_DTYPE", "ZERO_DTYPE",
-           "LinearGroupwise"]
+           "LinearGroupwise", "quantize_model_groupwise"]
 
 BITS = (2, 3, 4, 8)
 SCALE_DTYPE, ZERO_DTYPE = torch.float16, torch.float32
@@ -270,3 +271,25 @@ class LinearGroupwise(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int{self.bits}, group_size={self.group_size}, compute_dtype={self.compute_dtype}")
+
+
+def quantize_model_groupwise(model: nn.Module, bits: int = 4, group_size: int = 64,
+                             compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Post-training quantization: replace every ``nn.Linear`` but the output head by a ``LinearGroupwise``
+    (round to nearest on each group's min-max grid), in place; returns the model. Every layer is checked and
+    quantized before any is swapped in, so an error leaves the model as it was."""
+    check_module("model", model)
+    check_bits(bits), check_group_size(group_size), check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+    head = output_head_name(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    if not names:
+        raise ValueError("model has no nn.Linear layer (but the head) to quantize")
+    layers = {}
+    for name in names:
+        try:
+            layers[name] = LinearGroupwise.from_linear(model.get_submodule(name), bits, group_size, compute_dtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
+    return model

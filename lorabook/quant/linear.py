@@ -144,6 +144,13 @@ class LinearNF4(nn.Module):
                                shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
                                blocksize=self.blocksize, codebook=self.codebook, double=double)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight: packed codes and block constants (not the bias)."""
+        tensors = (self.weight_packed, self.weight_absmax, self.weight_absmax_codes, self.weight_absmax2,
+                   self.weight_absmax_offset)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def lora_base_layer(self) -> BaseLayer:
         """What LoRA needs to know (``lorabook.lora.base_layer``): fp32 adapters (as peft trains QLoRA's), and no
         merge -- W0 + ΔW has no exact NF4 form."""

@@ -13,10 +13,11 @@ from .distributed import STRATEGIES, distributed, free_port, torchrun_command, w
 from .fsdp import local_bytes, shard
 from .loop import (SCHEDULES, TRAIN_OPTIMIZERS, History, batch_indices, load_model, lr_at, make_optimizer, methods,
                    optimizer_step, prepare, token_loss_sum, train, trainable_parameters, validate)
+from .merge import MERGEABLE, check_merge, merge
 from .wire import WireCounter, ring_bytes
 
 __all__ = ["CKPT_NAME", "Checkpoint", "apply_checkpoint", "load_checkpoint", "read_checkpoint", "save_checkpoint",
            "STRATEGIES", "distributed", "free_port", "torchrun_command", "world_size", "local_bytes", "shard",
            "SCHEDULES", "TRAIN_OPTIMIZERS", "History", "batch_indices", "load_model", "lr_at", "make_optimizer",
            "methods", "optimizer_step", "prepare", "token_loss_sum", "train", "trainable_parameters", "validate",
-           "WireCounter", "ring_bytes"]
+           "WireCounter", "ring_bytes", "MERGEABLE", "check_merge", "merge"]

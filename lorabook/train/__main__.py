@@ -21,6 +21,7 @@ from ..timing import torch_threads
 from .checkpoint import CKPT_NAME
 from .distributed import distributed
 from .loop import History, load_model, methods, prepare, train
+from .merge import check_merge, merge
 
 OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--method", str, "lora", "lora, qlora (NF4 base + LoRA), qalora (group-wise INT-k base + LoRA on group means), "
@@ -50,6 +51,8 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--stop-after", int, None, "stop after this step, as if killed (then --resume)"),
     ("--results", str, None, "write everything measured as JSON here"),
     ("--seed", int, 0, "seed of the adapter init, dropout and data order"),
+    ("--ptq-bits", int, 0, "with --merge (lora/qlora): then quantize the merged model to group-wise INT-k (0: no)"),
+    ("--ptq-group-size", int, 32, "with --ptq-bits: input columns per quantization group"),
     ("--threads", int, 0, "torch CPU threads (0: torch's default; 1 is faster on a busy machine)"),
 ]
 
@@ -61,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-before", action="store_true", help="skip scoring the model before training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--merge", action="store_true",
+                   help="lora/qlora/qalora: merge the adapter before scoring after training (lorabook.train.merge)")
     p.add_argument("--checkpointing", action="store_true",
                    help="gradient checkpointing of each decoder layer (qlora always checkpoints)")
     p.add_argument("--track-memory", action="store_true",
@@ -109,6 +114,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     before, before_s = (None, 0.0) if args.no_before or rank else score(progress)
     if args.checkpointing and args.method != "qlora":
         check_checkpointing(model)  # before prepare changes the model
+    if args.merge:  # before the run, so that a bad setting costs nothing
+        if world > 1 and args.strategy == "fsdp":
+            raise ValueError("--merge with --strategy fsdp: merge the saved adapter after the run instead")
+        check_merge(model, args.method, args.ptq_bits, args.ptq_group_size)
+    elif args.ptq_bits:
+        raise ValueError("--ptq-bits quantizes the merged model: add --merge")
     prepare(model, args.method, **method_kwargs(args, tok))
     if args.checkpointing and args.method != "qlora":
         enable_checkpointing(model)
@@ -133,11 +144,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.distributed.destroy_process_group()
     if rank:  # rank 0 scores and reports
         return {}
+    merged = merge(model, args.method, args.ptq_bits, args.ptq_group_size) if args.merge else {}
     if not sharded:
         after, after_s = score(progress)
     result = dict(command="python -m lorabook.train " + " ".join(argv), settings=vars(args),
                   device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                  trainable_params=n_train, total_params=n_all, eval_split="test", eval_n=len(test_ex),
+                  trainable_params=n_train, total_params=n_all, eval_split="test", eval_n=len(test_ex), **merged,
                   **report(history, test_ex, before, after, before_s + after_s))
     if args.results:
         _write_json(Path(args.results), result)
