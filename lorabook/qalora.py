@@ -8,26 +8,28 @@ The base is group-wise INT-k (``lorabook.quant.groupwise``): row o, input column
 
     Ŵ[o, i] = (q[o, i] − zero[o, g(i)]) · scale[o, g(i)]          q integer codes, scale fp16, zero fp32
 
-The adapter sees the input averaged over each group of L columns:
+The adapter sees the input pooled over each group of L columns, summed by default:
 
-    pool(x)[g] = (1 / L) Σ_{i in group g} x[i]                      x (..., in) -> (..., G),  G = in / L
+    pool(x)[g] = Σ_{i in group g} x[i]                               x (..., in) -> (..., G),  G = in / L
     y = Ŵ x + (α / r) · B A pool(x)                                  A (r, G), B (out, r) zeros
 
-As a weight, the update is ΔW[o, i] = (α / r) · (B A)[o, g(i)] / L: one number per (row, group), the same for
-the L columns of a group. A constant c added to a group only moves its zero point,
+As a weight, the update is ΔW[o, i] = (α / r) · (B A)[o, g(i)]: one number per (row, group), the same for the L
+columns of a group. A constant c added to a group only moves its zero point,
 
     (q − zero) · scale + c = (q − (zero − c / scale)) · scale
 
-so ``merge`` returns a ``LinearGroupwise`` with the same codes and scales and zero' = zero − (α / r)(B A) / (L · scale).
+so ``merge`` returns a ``LinearGroupwise`` with the same codes and scales and zero' = zero − (α / r)(B A) / scale.
 Hence "why zeros?": an offset per group is the only place a per-group constant can go, and it must stay a
 float -- a k-bit integer zero point (GPTQ's packed qzeros) cannot hold zero − c / scale.
 
-Scaling conventions. lorabook pools with the mean, as the authors' released code does (``AvgPool1d(L)``; its
-``merge.py`` subtracts (α / r)(B A) / L / scale from the zero points, as above). peft (>= 0.16, ``use_qalora=True``,
-GPTQ layers only, no merge) multiplies the mean by G = in / L; a sum would multiply it by L. The three are the
-same model up to a constant factor on pool(x), which A absorbs: A_peft = A_lorabook / G, A_sum = A_lorabook / L.
-They differ in how fast A's updates move the output (Adam's step size is per parameter), not in what can be
-learned.
+Pooling conventions. The authors' released code averages (``AvgPool1d(L)``; its ``merge.py`` subtracts
+(α / r)(B A) / L / scale from the zero points): ``pool="mean"`` here. peft (>= 0.16, ``use_qalora=True``, GPTQ
+layers only, no merge) multiplies the mean by G = in / L. lorabook's default, ``pool="sum"``, is the mean times
+L. All three are one model up to a constant factor c on pool(x), which A absorbs (A_peft = A · c / G with c = L
+for "sum", 1 for "mean"); they differ in how fast training moves the output. Adam's step is the same size for
+every parameter whatever its gradient's scale, so with the mean A's steps move the output about L times less
+than plain LoRA's A does at the same learning rate (the output is a sum over G = in / L pooled inputs, each 1 / L
+of a sum); with the sum they move it as much, and LoRA's learning rates carry over. Notebook 08 measures both.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ from .lora.layer import check_lora_args
 from .lora.model import find_targets
 from .quant.groupwise import FLOAT_DTYPES, GroupQuantized, LinearGroupwise, check_bits, check_group_size
 
-__all__ = ["check_qalora_args", "group_mean", "QALoRALinear", "add_qalora", "merge_qalora", "qalora_layers",
+POOLS = ("sum", "mean")
+
+__all__ = ["POOLS", "check_qalora_args", "group_pool", "QALoRALinear", "add_qalora", "merge_qalora", "qalora_layers",
            "save_qalora_adapter", "load_qalora_adapter"]
 
 
@@ -63,10 +67,11 @@ def check_qalora_args(r, alpha, dropout, in_features: int, out_features: int, gr
     return groups
 
 
-def group_mean(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The input averaged over each group of ``group_size`` consecutive features: (..., in) -> (..., in / L)."""
+def group_pool(x: torch.Tensor, group_size: int, pool: str = "sum") -> torch.Tensor:
+    """The input summed (or averaged) over each group of ``group_size`` consecutive features: (..., in) -> (..., G)."""
     *lead, n = x.shape
-    return x.reshape(*lead, n // group_size, group_size).mean(-1)
+    groups = x.reshape(*lead, n // group_size, group_size)  # (..., G, L)
+    return groups.sum(-1) if pool == "sum" else groups.mean(-1)
 
 
 class QALoRALinear(nn.Module):
@@ -74,13 +79,15 @@ class QALoRALinear(nn.Module):
 
     ``qweight``, ``scales``, ``zeros``: the base's (``LinearGroupwise``) buffers. ``lora_A`` (r, in / L) starts
     Kaiming-uniform like nn.Linear's weight over in / L inputs, ``lora_B`` (out, r) at zero: training starts
-    exactly at the quantized base."""
+    exactly at the quantized base. ``pool``: "sum" or "mean" over each group (module docstring)."""
 
-    def __init__(self, base: LinearGroupwise, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, base: LinearGroupwise, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 pool: str = "sum"):
         super().__init__()
         if not isinstance(base, LinearGroupwise):
             raise TypeError(f"base must be a lorabook.quant.groupwise.LinearGroupwise, got {type(base).__name__}")
         groups = check_qalora_args(r, alpha, dropout, base.in_features, base.out_features, base.group_size)
+        self.pool = check_choice("pool", pool, POOLS)
         self.base = base.requires_grad_(False)
         self.r, self.lora_alpha, self.lora_dropout = r, float(alpha), float(dropout)
         self.scaling = alpha / r
@@ -92,12 +99,14 @@ class QALoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32, r: int = 8, alpha: float = 16,
-                    dropout: float = 0.0, compute_dtype: torch.dtype = torch.float32) -> "QALoRALinear":
+                    dropout: float = 0.0, compute_dtype: torch.dtype = torch.float32, pool: str = "sum"
+                    ) -> "QALoRALinear":
         """Quantize ``linear`` group-wise (``LinearGroupwise.from_linear``) and put a QA-LoRA adapter on it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         check_bits(bits), check_qalora_args(r, alpha, dropout, linear.in_features, linear.out_features, group_size)
-        return cls(LinearGroupwise.from_linear(linear, bits, group_size, compute_dtype), r, alpha, dropout)
+        check_choice("pool", pool, POOLS)
+        return cls(LinearGroupwise.from_linear(linear, bits, group_size, compute_dtype), r, alpha, dropout, pool)
 
     in_features = property(lambda self: self.base.in_features)
     out_features = property(lambda self: self.base.out_features)
@@ -107,15 +116,20 @@ class QALoRALinear(nn.Module):
     scales = property(lambda self: self.base.scales)
     zeros = property(lambda self: self.base.zeros)
 
+    @property
+    def pool_factor(self) -> float:
+        """What pool(x) multiplies each input by: 1 for the sum, 1 / L for the mean."""
+        return 1.0 if self.pool == "sum" else 1.0 / self.group_size
+
     def delta_weight(self) -> torch.Tensor:
-        """ΔW (out, in): (α / r) · (B A)[o, g(i)] / L, constant over each group's L columns."""
-        per_group = (self.lora_B @ self.lora_A) * (self.scaling / self.group_size)  # (out, G)
+        """ΔW (out, in): (α / r) · (B A)[o, g(i)] (/ L with the mean), constant over each group's L columns."""
+        per_group = (self.lora_B @ self.lora_A) * (self.scaling * self.pool_factor)  # (out, G)
         return per_group.repeat_interleave(self.group_size, dim=1)
 
     def delta_zeros(self) -> torch.Tensor:
-        """How much each zero point moves in the merge, (out, G) fp32: (α / r) · (B A) / (L · scale)."""
-        per_group = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * (self.scaling / self.group_size)
-        return per_group / self.scales.float()
+        """How much each zero point moves in the merge, (out, G) fp32: (α / r) · (B A) / scale (/ L with the mean)."""
+        B, A = self.lora_B.detach().float(), self.lora_A.detach().float()
+        return (B @ A) * (self.scaling * self.pool_factor) / self.scales.float()
 
     def merge(self) -> LinearGroupwise:
         """The merged layer: a new ``LinearGroupwise`` with this layer's ``qweight`` and ``scales`` (the same
@@ -127,12 +141,12 @@ class QALoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
         result = self.base(x)  # (..., out)
-        pooled = group_mean(F.dropout(x, self.lora_dropout, training=self.training).to(self.lora_A.dtype),
-                            self.group_size)  # (..., G)
+        pooled = group_pool(F.dropout(x, self.lora_dropout, training=self.training).to(self.lora_A.dtype),
+                            self.group_size, self.pool)  # (..., G)
         return result + (self.scaling * (pooled @ self.lora_A.T @ self.lora_B.T)).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}"
+        return f"r={self.r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}, pool={self.pool!r}"
 
 
 def qalora_layers(model: nn.Module) -> dict[str, QALoRALinear]:
@@ -142,8 +156,8 @@ def qalora_layers(model: nn.Module) -> dict[str, QALoRALinear]:
 
 
 def add_qalora(model: nn.Module, bits: int = 4, group_size: int = 32, r: int = 8, alpha: float = 16,
-               dropout: float = 0.0, target_modules="all-linear", compute_dtype: torch.dtype = torch.float32
-               ) -> nn.Module:
+               dropout: float = 0.0, target_modules="all-linear", compute_dtype: torch.dtype = torch.float32,
+               pool: str = "sum") -> nn.Module:
     """Freeze ``model`` and replace each targeted ``nn.Linear`` (default: every one but the output head) by a
     ``QALoRALinear`` (in place); returns the model. ``lorabook.train``'s "qalora" method.
 
@@ -153,6 +167,7 @@ def add_qalora(model: nn.Module, bits: int = 4, group_size: int = 32, r: int = 8
     bits, _ = check_bits(bits), check_group_size(group_size)
     check_number("dropout", dropout, 0, 1, high_open=True)
     check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+    check_choice("pool", pool, POOLS)
     names = find_targets(model, target_modules)
     layers = {}
     for name in names:
@@ -166,7 +181,7 @@ def add_qalora(model: nn.Module, bits: int = 4, group_size: int = 32, r: int = 8
     for name in names:
         try:
             layers[name] = QALoRALinear.from_linear(model.get_submodule(name), bits, group_size, r, alpha, dropout,
-                                                    compute_dtype)
+                                                    compute_dtype, pool)
         except ValueError as e:  # the settings are checked above: this is the layer's weight
             raise ValueError(f"{name}.weight: {e}") from None
     for p in model.parameters():
@@ -192,8 +207,9 @@ def merge_qalora(model: nn.Module) -> nn.Module:
 
 def save_qalora_adapter(model: nn.Module, directory) -> Path:
     """Write the QA-LoRA adapter as a PEFT adapter folder (``use_qalora: true``, ``qalora_group_size``); returns
-    the folder. A is written in peft's convention, A_peft = A / G (peft multiplies the group mean by G = in / L),
-    so peft's forward computes what this model computes; both files are written as one unit."""
+    the folder. A is written in peft's convention, A_peft = A · c / G (peft multiplies the group mean by
+    G = in / L; c = L for pool "sum", 1 for "mean"), so peft's forward computes what this model computes; both
+    files are written as one unit."""
     from safetensors.torch import save_file
 
     layers = qalora_layers(model)
@@ -209,8 +225,8 @@ def save_qalora_adapter(model: nn.Module, directory) -> Path:
               "use_qalora": True, "qalora_group_size": group_size, "fan_in_fan_out": False, "use_rslora": False}
     tensors = {}
     for path, m in layers.items():
-        groups = m.in_features // m.group_size
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = (m.lora_A.detach() / groups).contiguous().cpu()  # (r, G)
+        to_peft = m.pool_factor * m.group_size / (m.in_features // m.group_size)  # c / G
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = (m.lora_A.detach() * to_peft).contiguous().cpu()  # (r, G)
         tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()  # (out, r)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return write_folder(Path(directory), {
@@ -248,7 +264,8 @@ def load_qalora_adapter(model: nn.Module, directory) -> nn.Module:
             raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}")
     with torch.no_grad():
         for path, m in layers.items():
-            groups = m.in_features // m.group_size
-            m.lora_A.copy_(tensors[f"{PREFIX}{path}.lora_A.weight"] * groups)  # back from peft's convention
+            to_peft = m.pool_factor * m.group_size / (m.in_features // m.group_size)
+            m.lora_A.copy_(tensors[f"{PREFIX}{path}.lora_A.weight"] / to_peft)  # back from peft's convention
             m.lora_B.copy_(tensors[f"{PREFIX}{path}.lora_B.weight"])
     return model
+

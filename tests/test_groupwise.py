@@ -173,3 +173,20 @@ def test_bad_kernel_arguments():
     with pytest.raises(ValueError, match="zero must be a contiguous CPU torch.float32 tensor of 1 elements"):
         cpu_kernel.dequantize_int4_into(torch.zeros(2, dtype=torch.uint8), torch.ones(1), torch.ones(2),
                                         torch.empty(4), group_size=4)
+
+
+def test_requantizing_keeps_a_per_group_constant_and_rounds_a_small_update_away():
+    g = G.quantize_groupwise(weight(24, 256), 4, 32)
+    step = g.scales.float().mean()
+    # an update of a twentieth of a grid step, as after a short fine-tune
+    per_group = (torch.randn(24, 8, 1) * 0.05 * step).expand(24, 8, 32).reshape(24, 256)  # QA-LoRA's kind of ΔW
+    general = torch.randn(24, 4) @ torch.randn(4, 256)  # plain LoRA's kind: rank 4, any column
+    general *= per_group.norm() / general.norm()  # the same size
+    shifted, rounded = G.requantize_stats(g, per_group), G.requantize_stats(g, general)
+    assert abs(shifted["kept"] - 1) < 0.02 and shifted["error"] < 0.05  # min-max follows a shift of the group
+    assert shifted["codes_changed"] == 0
+    assert rounded["kept"] < 0.5 and rounded["error"] > 0.9  # rounded away: about as far off as Ŵ alone (error 1)
+    with pytest.raises(ValueError, match="delta must be a tensor of the weight's shape"):
+        G.requantize_stats(g, general[:, :10])
+    with pytest.raises(ValueError, match="delta is zero"):
+        G.requantize_stats(g, torch.zeros(24, 256))

@@ -12,7 +12,7 @@ from conftest import assert_same, snapshot
 from lorabook import qalora
 from lorabook.lora import LoRALinear
 from lorabook.models import tiny_llama
-from lorabook.qalora import QALoRALinear, add_qalora, group_mean, merge_qalora
+from lorabook.qalora import QALoRALinear, add_qalora, group_pool, merge_qalora
 from lorabook.quant.groupwise import LinearGroupwise, dequantize_groupwise_reference
 
 
@@ -29,16 +29,18 @@ def tiny_qalora(group_size=16, bits=4, r=2, **kwargs):
     return add_qalora(tiny_llama(seed=0), bits=bits, group_size=group_size, r=r, **kwargs)
 
 
-def test_the_adapter_sees_group_means_and_starts_at_the_base():
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_the_adapter_sees_pooled_groups_and_starts_at_the_base(pool):
     linear = nn.Linear(64, 24)
-    layer = QALoRALinear.from_linear(linear, bits=4, group_size=16, r=4, alpha=8)
+    layer = QALoRALinear.from_linear(linear, bits=4, group_size=16, r=4, alpha=8, pool=pool)
     assert layer.lora_A.shape == (4, 64 // 16) and layer.lora_B.shape == (24, 4) and not layer.lora_B.any()
     x = torch.randn(2, 3, 64)
     assert torch.equal(layer(x), layer.base(x))  # B = 0: exactly the quantized base
     trained(layer)
-    expected = layer.base(x) + 2.0 * (group_mean(x, 16) @ layer.lora_A.T @ layer.lora_B.T)
+    expected = layer.base(x) + 2.0 * (group_pool(x, 16, pool) @ layer.lora_A.T @ layer.lora_B.T)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
-    assert torch.equal(group_mean(x, 16)[..., 1], x[..., 16:32].mean(-1))
+    pooled = x[..., 16:32].sum(-1) if pool == "sum" else x[..., 16:32].mean(-1)
+    assert torch.equal(group_pool(x, 16, pool)[..., 1], pooled)
 
 
 def test_only_the_adapter_trains():
@@ -60,10 +62,14 @@ def test_delta_weight_is_constant_inside_each_group():
 
 @settings(max_examples=25, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([8, 16, 32]), r=st.integers(1, 4),
-       alpha=st.floats(0.5, 64), seed=st.integers(0, 999))
-def test_merge_keeps_codes_and_scales_and_gives_the_same_outputs(bits, group_size, r, alpha, seed):
+       alpha=st.floats(0.5, 64), seed=st.integers(0, 999), pool=st.sampled_from(["sum", "mean"]))
+def test_merge_keeps_codes_and_scales_and_gives_the_same_outputs(bits, group_size, r, alpha, seed, pool):
     torch.manual_seed(seed)
-    layer = trained(QALoRALinear.from_linear(nn.Linear(128, 40), bits, group_size, r, alpha), seed)  # G >= 4 >= r
+    layer = QALoRALinear.from_linear(nn.Linear(128, 40), bits, group_size, r, alpha, pool=pool)  # G >= 4 >= r
+    trained(layer, seed)
+    if pool == "sum":  # the same update size as the mean's (L times larger inputs)
+        with torch.no_grad():
+            layer.lora_B.div_(group_size)
     merged = layer.merge()
     assert isinstance(merged, LinearGroupwise) and merged.bits == bits and merged.group_size == group_size
     assert torch.equal(merged.qweight, layer.qweight) and torch.equal(merged.scales, layer.scales)
@@ -80,18 +86,20 @@ def test_merge_leaves_the_layer_as_it_was():
     assert_same(snapshot(layer), before)
 
 
-def test_peft_scales_the_group_mean_by_the_number_of_groups():
-    """peft's QA-LoRA forward (its variant's own function) with A_peft = A / G computes this layer's update."""
+@pytest.mark.parametrize("pool, factor", [("sum", 16 / 4), ("mean", 1 / 4)])
+def test_peft_scales_the_group_mean_by_the_number_of_groups(pool, factor):
+    """peft's QA-LoRA forward (its variant's own function) with A_peft = A · c / G computes this layer's update
+    (c = L for the sum, 1 for the mean; here L = 16, G = 4)."""
     from peft.tuners.lora.variants import QALoraLinearVariant
 
-    layer = trained(QALoRALinear.from_linear(nn.Linear(64, 24), group_size=16, r=4, alpha=8))
+    layer = trained(QALoRALinear.from_linear(nn.Linear(64, 24), group_size=16, r=4, alpha=8, pool=pool))
     groups = 64 // 16
     module = types.SimpleNamespace(
         lora_A={"a": nn.Linear(groups, 4, bias=False)}, lora_B={"a": nn.Linear(4, 24, bias=False)},
         lora_dropout={"a": nn.Identity()}, scaling={"a": layer.scaling}, qalora_group_size={"a": 16},
         in_features=64, training=False)
     with torch.no_grad():
-        module.lora_A["a"].weight.copy_(layer.lora_A / groups)
+        module.lora_A["a"].weight.copy_(layer.lora_A * factor)
         module.lora_B["a"].weight.copy_(layer.lora_B)
     x = torch.randn(3, 5, 64)
     base = layer.base(x)
@@ -137,10 +145,11 @@ def test_save_and_load_the_adapter(tmp_path):
     qalora.save_qalora_adapter(model, tmp_path / "ad")
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert config["use_qalora"] is True and config["qalora_group_size"] == 16 and config["r"] == 4
-    other = tiny_qalora(r=4)
-    qalora.load_qalora_adapter(other, tmp_path / "ad")
     ids = torch.randint(0, 256, (1, 9))
-    torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+    for pool in ("sum", "mean"):  # the file holds peft's A: either convention loads it as the same model
+        other = tiny_qalora(r=4, pool=pool)
+        qalora.load_qalora_adapter(other, tmp_path / "ad")
+        torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_the_train_cli_has_a_qalora_method(capsys):
@@ -162,6 +171,7 @@ def test_the_train_cli_has_a_qalora_method(capsys):
     (dict(r=0), "r must be"), (dict(dropout=1.5), "dropout must be"),
     (dict(r=8), r"q_proj: r=8 exceeds min\(groups, out_features\)=4: A is \(r, in_features / group_size\)"),
     (dict(target_modules=["nope"]), "matches no nn.Linear"), (dict(compute_dtype=torch.int8), "compute_dtype"),
+    (dict(pool="max"), r"pool must be one of \['sum', 'mean'\], got 'max'"),
 ])
 def test_bad_add_qalora_arguments_change_nothing(kwargs, match):
     model = tiny_llama(seed=0)
@@ -259,3 +269,4 @@ def test_bad_merge_settings_are_refused_before_training(extra, match, monkeypatc
     monkeypatch.setattr(train_cli, "train", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ValueError, match=match):
         train_cli.main(TINY_CLI + extra)
+

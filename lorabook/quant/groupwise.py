@@ -38,7 +38,7 @@ from .linear import dequantize_linear
 
 __all__ = ["BITS", "GroupQuantized", "quantize_groupwise", "dequantize_groupwise", "dequantize_groupwise_reference",
            "pack_codes", "unpack_codes", "check_bits", "check_group_size", "SCALE_DTYPE", "ZERO_DTYPE",
-           "LinearGroupwise", "quantize_model_groupwise"]
+           "LinearGroupwise", "quantize_model_groupwise", "requantize_stats"]
 
 BITS = (2, 3, 4, 8)
 SCALE_DTYPE, ZERO_DTYPE = torch.float16, torch.float32
@@ -293,3 +293,33 @@ def quantize_model_groupwise(model: nn.Module, bits: int = 4, group_size: int = 
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     return model
+
+
+@torch.no_grad()
+def requantize_stats(g: GroupQuantized, delta: torch.Tensor) -> dict:
+    """What quantizing Ŵ + ΔW again -- a fresh min-max grid, the same bits and groups -- keeps of an update ΔW
+    (out, in) to the stored weight Ŵ = dequantize(g); Q = dequantize(quantize(Ŵ + ΔW)):
+
+        kept            <Q − Ŵ, ΔW> / ‖ΔW‖²: the share of ΔW the re-quantized weight carries (1 = all of it)
+        error           ‖Q − (Ŵ + ΔW)‖ / ‖ΔW‖: what it misses, in units of ΔW
+        codes_changed   share of the integer codes that differ from g's
+
+    Min-max quantization is shift-equivariant: a ΔW that is constant over each group moves the group's min and
+    max alike, so the grid follows it and it is kept (up to the fp16 scale's rounding). Any other ΔW smaller
+    than half a step is mostly rounded away."""
+    if not isinstance(g, GroupQuantized):
+        raise TypeError(f"g must be a GroupQuantized, got {type(g).__name__}")
+    g.validate()
+    if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != g.shape:
+        raise ValueError(f"delta must be a tensor of the weight's shape {g.shape}, got "
+                         f"{getattr(delta, 'shape', type(delta).__name__)}")
+    delta = delta.float()
+    norm_sq = float(delta.pow(2).sum())
+    if norm_sq == 0:
+        raise ValueError("delta is zero: there is no update to keep")
+    base = dequantize_groupwise_reference(g)
+    q = quantize_groupwise(base + delta, g.bits, g.group_size)
+    again = dequantize_groupwise_reference(q)
+    return dict(kept=float(((again - base) * delta).sum()) / norm_sq,
+                error=float((again - base - delta).norm()) / norm_sq ** 0.5,
+                codes_changed=float((q.codes() != g.codes()).float().mean()))

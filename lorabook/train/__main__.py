@@ -33,6 +33,7 @@ OPTIONS = [  # (flag, type, default, help) of `python -m lorabook.train`
     ("--targets", str, "q_proj,v_proj", "lora/qlora/qalora: comma-separated layer names, or all-linear"),
     ("--bits", int, 4, "qalora: bits per weight (2, 3, 4 or 8)"),
     ("--group-size", int, 32, "qalora: input columns per quantization group (a power of two >= 8)"),
+    ("--pool", str, "sum", "qalora: the adapter sees each group's sum, or its mean (the authors' code)"),
     ("--optimizer", str, "adamw", "adamw, paged_adamw (lorabook.paged: the same updates, state in pages), adamw8bit "
      "(8-bit m and v, bitsandbytes' numbers) or paged_adamw8bit"),
     ("--bottleneck", int, 16, "adapter_h/adapter_l: bottleneck width"), ("--n-prefix", int, 16, "prefix: length"),
@@ -78,7 +79,7 @@ def method_kwargs(args, tokenizer=None) -> dict:
     if args.method in ("lora", "qlora", "qalora"):
         targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
         extra = {"qlora": dict(dropout=0.0),  # qlora's default is 0.05; lora's and qalora's are 0
-                 "qalora": dict(bits=args.bits, group_size=args.group_size)}.get(args.method, {})
+                 "qalora": dict(bits=args.bits, group_size=args.group_size, pool=args.pool)}.get(args.method, {})
         return dict(target_modules=targets, r=args.rank, alpha=args.alpha, **extra)
     if args.method == "prefix" and args.prefix_text is not None:
         ids = tokenizer(args.prefix_text, add_special_tokens=False)["input_ids"]
