@@ -253,10 +253,14 @@ def test_the_cli_scores_the_merged_model():
     ptq = train_cli.main(TINY_CLI + ["--method", "lora", "--merge", "--ptq-bits", "3", "--ptq-group-size", "16"])
     assert ptq["merge"] == "merge_lora, then round to nearest INT3 in groups of 16"
     assert ptq["linear_bytes"] == 3 * n // 8 + 6 * n // 16
+    nf4 = train_cli.main(TINY_CLI + ["--method", "qlora", "--merge", "--ptq-nf4"])
+    assert nf4["merge"] == "merge_qlora (into dequant(W4)), then quantized to NF4 again (requantize=True)"
+    assert nf4["linear_bytes"] < n * 0.6  # 4-bit codes and block constants
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--method", "lora", "--ptq-bits", "4"], "--ptq-bits quantizes the merged model: add --merge"),
+    (["--method", "lora", "--ptq-bits", "4"], "--ptq-bits / --ptq-nf4 quantize the merged model: add --merge"),
+    (["--method", "lora", "--merge", "--ptq-nf4"], "ptq_nf4 re-quantizes a merged QLoRA model to NF4"),
     (["--method", "bitfit", "--merge"], r"method \(to merge\) must be one of \['lora', 'qlora', 'qalora'\]"),
     (["--method", "qalora", "--group-size", "16", "--merge", "--ptq-bits", "4"], "is group-wise INT-k already"),
     (["--method", "lora", "--merge", "--ptq-bits", "4", "--ptq-group-size", "128"],

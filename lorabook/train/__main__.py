@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--merge", action="store_true",
                    help="lora/qlora/qalora: merge the adapter before scoring after training (lorabook.train.merge)")
+    p.add_argument("--ptq-nf4", action="store_true",
+                   help="with --merge (qlora): then quantize the merged model to NF4 again (merge_qlora requantize)")
     p.add_argument("--checkpointing", action="store_true",
                    help="gradient checkpointing of each decoder layer (qlora always checkpoints)")
     p.add_argument("--track-memory", action="store_true",
@@ -118,9 +120,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.merge:  # before the run, so that a bad setting costs nothing
         if world > 1 and args.strategy == "fsdp":
             raise ValueError("--merge with --strategy fsdp: merge the saved adapter after the run instead")
-        check_merge(model, args.method, args.ptq_bits, args.ptq_group_size)
-    elif args.ptq_bits:
-        raise ValueError("--ptq-bits quantizes the merged model: add --merge")
+        check_merge(model, args.method, args.ptq_bits, args.ptq_group_size, args.ptq_nf4)
+    elif args.ptq_bits or args.ptq_nf4:
+        raise ValueError("--ptq-bits / --ptq-nf4 quantize the merged model: add --merge")
     prepare(model, args.method, **method_kwargs(args, tok))
     if args.checkpointing and args.method != "qlora":
         enable_checkpointing(model)
@@ -145,7 +147,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.distributed.destroy_process_group()
     if rank:  # rank 0 scores and reports
         return {}
-    merged = merge(model, args.method, args.ptq_bits, args.ptq_group_size) if args.merge else {}
+    merged = merge(model, args.method, args.ptq_bits, args.ptq_group_size, args.ptq_nf4) if args.merge else {}
     if not sharded:
         after, after_s = score(progress)
     result = dict(command="python -m lorabook.train " + " ".join(argv), settings=vars(args),
