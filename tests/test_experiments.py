@@ -46,8 +46,8 @@ def test_qalora_table_pairs_ptq_and_qalora_at_each_bit_width_and_group():
 
     table = E.tables()["qalora"]
     assert len(table) == 4 + 2 * len(E.QALORA_BITS) * len(E.QALORA_GROUPS)
-    assert parse_args(table["QLoRA merged -> NF4 again"][1]).ptq_nf4 and not parse_args(table["QLoRA unmerged "
-                                                                                              "(NF4 + LoRA branch)"][1]).merge
+    assert parse_args(table["QLoRA merged -> NF4 again"][1]).ptq_nf4
+    assert not parse_args(table["QLoRA unmerged (NF4 + LoRA branch)"][1]).merge
     mean = parse_args(table["QA-LoRA INT4 g32, merged, mean pooling"][1] + E.COMMON)
     assert (mean.pool, mean.bits, mean.group_size) == ("mean", 4, 32)
     for bits in E.QALORA_BITS:
