@@ -26,10 +26,10 @@ Pooling conventions. The authors' released code averages (``AvgPool1d(L)``; its 
 (α / r)(B A) / L / scale from the zero points): ``pool="mean"`` here. peft (>= 0.16, ``use_qalora=True``, GPTQ
 layers only, no merge) multiplies the mean by G = in / L. lorabook's default, ``pool="sum"``, is the mean times
 L. All three are one model up to a constant factor c on pool(x), which A absorbs (A_peft = A · c / G with c = L
-for "sum", 1 for "mean"); they differ in how fast training moves the output. Adam's step is the same size for
-every parameter whatever its gradient's scale, so with the mean A's steps move the output about L times less
-than plain LoRA's A does at the same learning rate (the output is a sum over G = in / L pooled inputs, each 1 / L
-of a sum); with the sum they move it as much, and LoRA's learning rates carry over. Notebook 08 measures both.
+for "sum", 1 for "mean"); they differ in how fast training moves the output. Adam's step is about the same size
+for every parameter whatever its gradient's scale. With the sum, a step of A changes (B A pool(x)) by
+Σ_i ΔA[:, g(i)] x[i], a sum over all in inputs as plain LoRA's does, so LoRA's learning rates carry over; with
+the mean the pooled inputs are L times smaller, and so is every step's effect. Notebook 08 measures both.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def group_pool(x: torch.Tensor, group_size: int, pool: str = "sum") -> torch.Ten
 
 
 class QALoRALinear(nn.Module):
-    """A frozen group-wise INT-k linear layer plus a LoRA adapter on the group-averaged input.
+    """A frozen group-wise INT-k linear layer plus a LoRA adapter on the input pooled over each group.
 
     ``qweight``, ``scales``, ``zeros``: the base's (``LinearGroupwise``) buffers. ``lora_A`` (r, in / L) starts
     Kaiming-uniform like nn.Linear's weight over in / L inputs, ``lora_B`` (out, r) at zero: training starts
