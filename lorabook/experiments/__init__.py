@@ -105,7 +105,7 @@ def qalora_table() -> dict[str, tuple[str, list[str]]]:
     _, qlora_args = lora_run("all linear", 8, "qlora")
     _, qalora_args = lora_run("all linear", 8, "qalora")
     cells = {"QLoRA unmerged (NF4 + LoRA branch)": ("qlora-all-r8", qlora_args),
-             "QLoRA merged, 16-bit": ("qlora-all-r8-merged", qlora_args + ["--merge"]),
+             "QLoRA merged, full precision": ("qlora-all-r8-merged", qlora_args + ["--merge"]),
              "QLoRA merged -> NF4 again": ("qlora-all-r8-nf4", qlora_args + ["--merge", "--ptq-nf4"]),
              "QA-LoRA INT4 g32, merged, mean pooling": (  # the authors' code's convention (lorabook.qalora)
                  "qalora-all-r8-b4-g32-mean", qalora_args + ["--bits", "4", "--group-size", "32", "--pool", "mean",
