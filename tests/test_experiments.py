@@ -61,6 +61,14 @@ def test_qalora_table_pairs_ptq_and_qalora_at_each_bit_width_and_group():
         experiments_cli.main(["qalora", "table5", "--dry-run"])
 
 
+def test_the_qalora_table_has_its_own_file_and_stays_out_of_the_guide():
+    assert E.table_file("qalora") == E.QALORA_OUT and E.table_file("table5") == E.OUT
+    from lorabook.experiments import guide
+    sql = {"accuracy_before": 0.5, "eval_n": 100}  # the base row's fields
+    rows = guide.accuracy_rows(E.load(E.OUT), sql)
+    assert "qalora" not in rows and {"table2", "table5", "table6", "qlora"} <= set(rows)
+
+
 def test_runs_shared_by_tables_run_once_and_finished_runs_are_skipped():
     todo = E.pending_runs(["table5", "table6"], done={})
     ids = [run for run, _ in todo]

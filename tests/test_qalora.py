@@ -52,12 +52,13 @@ def test_only_the_adapter_trains():
 
 
 def test_delta_weight_is_constant_inside_each_group():
+    torch.manual_seed(0)
     layer = trained(QALoRALinear.from_linear(nn.Linear(64, 24), group_size=16, r=4))
     delta = layer.delta_weight().reshape(24, 4, 16)
     assert torch.equal(delta, delta[..., :1].expand_as(delta))
     x = torch.randn(7, 64)
     W = dequantize_groupwise_reference(layer.base.quantized) + layer.delta_weight()
-    torch.testing.assert_close(layer(x), x @ W.T + layer.base.bias, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x), x @ W.T + layer.base.bias, rtol=1e-5, atol=1e-5)  # two summation orders
 
 
 @settings(max_examples=25, deadline=None)

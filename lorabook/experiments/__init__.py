@@ -39,8 +39,8 @@ from .._io import write_text
 from ..data import DATA_DIR as DATA
 
 __all__ = ["OUT", "LATENCY_OUT", "COMMON", "WEIGHTS", "PAPER", "RANKS", "PREFIX_TEXT", "BASELINES", "lora_run",
-           "QALORA_BITS", "QALORA_GROUPS", "QALORA_OUT", "qalora_table", "tables", "pending_runs", "load", "summarise",
-           "record", "write_json", "file_command", "table_rows", "latency"]
+           "QALORA_BITS", "QALORA_GROUPS", "QALORA_OUT", "qalora_table", "tables", "table_file", "pending_runs", "load",
+           "summarise", "record", "write_json", "file_command", "table_rows", "latency"]
 OUT, LATENCY_OUT, QALORA_OUT = DATA / "lora_tables.json", DATA / "lora_table1.json", DATA / "qalora_tables.json"
 COMMON = ["--steps", "30", "--batch-size", "8", "--max-len", "160", "--warmup", "3", "--schedule", "cosine",
           "--eval-n", "100", "--threads", "1", "--no-before", "--no-progress", "--seed", "0"]
@@ -93,6 +93,11 @@ def tables() -> dict[str, dict[str, tuple[str, list[str]]]]:
     qlora = {f"{name} ({w}, r=8)": lora_run(w, 8, method) for w in ("W_q, W_v", "all linear")
              for name, method in (("LoRA, fp32 base", "lora"), ("QLoRA, NF4 base", "qlora"))}
     return {"table2": t2, "table5": t5, "table6": t6, "qlora": qlora, "qalora": qalora_table()}
+
+
+def table_file(name: str) -> Path:
+    """The results file of table ``name``: QALORA_OUT for the qalora table, OUT for the others."""
+    return QALORA_OUT if name == "qalora" else OUT
 
 
 QALORA_BITS, QALORA_GROUPS = (4, 3, 2), (32, 64)  # SmolLM2's 576 inputs take groups of 64 at most (576 = 9 · 64)

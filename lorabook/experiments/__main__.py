@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..latency import format_table
 from ..train.__main__ import main as train_main
-from . import COMMON, LATENCY_OUT, OUT, QALORA_OUT, latency, load, pending_runs, record, summarise, tables, write_json
+from . import (COMMON, LATENCY_OUT, OUT, QALORA_OUT, latency, load, pending_runs, record, summarise, table_file, tables,
+               write_json)
 from . import __doc__ as experiments_doc
 
 
@@ -51,9 +52,10 @@ def main(argv=None) -> None:
         if not args.tables:
             return
     if args.out is None:
-        if "qalora" in args.tables and len(args.tables) > 1:
+        files = {table_file(t) for t in args.tables}
+        if len(files) > 1:
             raise ValueError(f"run the qalora table on its own: it goes to {QALORA_OUT.name}, the others to {OUT.name}")
-        args.out = QALORA_OUT if args.tables == ["qalora"] else OUT
+        args.out = files.pop()
     k, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= k < n:
         raise ValueError(f"--shard must be k/n with 0 <= k < n, got {args.shard!r}")

@@ -33,7 +33,7 @@ from pathlib import Path
 from .._checks import check_int, check_number, check_positive_int
 from .._io import write_text
 from ..data import DATA_DIR, exact_match
-from . import tables
+from . import OUT, table_file, tables
 
 __all__ = ["GUIDE", "Z95", "wilson", "within_noise", "accuracy_rows", "memory_rows", "latency_rows",
            "bench_rows", "transfer_rows", "mcnemar", "render", "write"]
@@ -103,6 +103,8 @@ def accuracy_rows(runs: dict, sql: dict) -> dict[str, list[dict]]:
     label, run, trainable, accuracy (fraction), n, its Wilson interval (low, high) and the LoRA rank (or None)."""
     out = {}
     for name, cells in tables().items():
+        if table_file(name) != OUT:  # the qalora table has its own file and notebook (08)
+            continue
         out[name] = []
         for label, (run, _) in cells.items():
             if run not in runs:
