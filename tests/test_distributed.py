@@ -42,10 +42,12 @@ def checkpoint_params(tmp_path, name: str) -> dict:
 
 
 METHODS = {"lora": [], "qlora": ["--method", "qlora", "--targets", "all-linear", "--rank", "4",
-                                 "--optimizer", "paged_adamw"]}  # NF4 base, paged AdamW
+                                 "--optimizer", "paged_adamw"],  # NF4 base, paged AdamW
+           "qalora": ["--method", "qalora", "--targets", "all-linear", "--rank", "2", "--bits", "4",
+                      "--group-size", "16"]}  # INT4 base in groups of 16, fp32 compute
 # fp32 lora agrees to 1e-6; qlora computes in bf16, and a rank pads its half-batch to its own longest example, so
 # an activation now and then rounds to the neighbouring bf16 value (measured: 8e-6 on the loss)
-TOLERANCE = {"full": 1e-6, "lora": 1e-6, "qlora": 5e-5}
+TOLERANCE = {"full": 1e-6, "lora": 1e-6, "qlora": 5e-5, "qalora": 1e-6}
 
 
 @pytest.mark.parametrize("method", METHODS)
