@@ -129,7 +129,7 @@ def test_fsdp_trains_like_one_process_and_each_rank_stores_half(tmp_path, capsys
     mine, whole = two["stored_bytes"][0], one["stored_bytes"][0]
     for part in ("grads", "optimizer"):
         assert 0.5 <= mine[part] / whole[part] <= 0.51, (part, mine[part], whole[part])
-    if method == "qlora":  # the NF4 codes are sharded too: they moved from buffers to (frozen) parameters
+    if method in ("qlora", "qalora"):  # the 4-bit codes are sharded too: they moved from buffers to parameters
         assert whole["buffers"] > 10 * mine["buffers"]
         assert 0.5 <= mine["params"] / (whole["params"] + whole["buffers"]) <= 0.51
     else:
@@ -155,7 +155,7 @@ def unit_bytes(args: list[str]) -> tuple[int, int]:
     cli = train_cli.parse_args(args)
     model, tok = T.load_model(cli.model, cli.seed)
     T.prepare(model, cli.method, **train_cli.method_kwargs(cli, tok))
-    fsdp.nf4_storage_as_parameters(model)
+    fsdp.quantized_storage_as_parameters(model)
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     layers = size(fsdp.decoder_layers(model).parameters())
     return layers, size(model.parameters()) - layers
@@ -173,21 +173,32 @@ def test_fsdp_resumes_where_it_stopped(tmp_path):
     assert w1 and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_nf4_storage_as_parameters_keeps_names_values_and_outputs(one_thread):
-    from lorabook import qlora
+@pytest.mark.parametrize("method", ["qlora", "qalora"])
+def test_quantized_storage_as_parameters_keeps_names_values_dtypes_and_outputs(one_thread, method):
+    from lorabook import qalora, qlora
     from lorabook.train import fsdp
     model = tiny_llama(seed=0, vocab_size=len(byte_tokenizer()))
-    qlora.add_qlora(model, r=2, dropout=0.0, gradient_checkpointing=False)
+    if method == "qlora":
+        qlora.add_qlora(model, r=2, dropout=0.0, gradient_checkpointing=False)
+    else:
+        qalora.add_qalora(model, bits=4, group_size=16, r=2)
     x = torch.randint(3, 200, (2, 9))
     before, logits = {k: v.clone() for k, v in model.state_dict().items()}, model(x).logits
     n_params = len(list(model.parameters()))
-    moved = fsdp.nf4_storage_as_parameters(model)
-    assert moved == 3 * 14  # 14 LinearNF4 layers: codes, absmax codes, absmax2 (double quant: no fp32 absmax)
+    moved = fsdp.quantized_storage_as_parameters(model)
+    # 14 quantized layers: NF4 codes, absmax codes, absmax2 (double quant: no fp32 absmax); INT4 codes, scales, zeros
+    assert moved == 3 * 14
     assert len(list(model.parameters())) == n_params + moved
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "weight_" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "weight_" in n)
+    assert sum(p.requires_grad for p in model.parameters()) == 2 * 14  # still only the adapters train
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(after[k].dtype == v.dtype for k, v in before.items())
     torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
+    model.to(torch.bfloat16)  # the quantized constants keep their dtype, and stay frozen parameters
+    assert {k: v.dtype for k, v in model.state_dict().items() if k.endswith(("scales", "zeros", "absmax2"))} == \
+        {k: v.dtype for k, v in before.items() if k.endswith(("scales", "zeros", "absmax2"))}
+    assert len(list(model.parameters())) == n_params + moved
 
 
 def test_track_memory_needs_one_micro_batch_a_step():

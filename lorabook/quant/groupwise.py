@@ -34,7 +34,7 @@ from .._checks import check_choice, check_int, check_module
 from ..lora.layer import BaseLayer
 from ..lora.model import output_head_name
 from . import cpu_kernel
-from .linear import dequantize_linear
+from .linear import apply_keeping_dtypes, dequantize_linear
 
 __all__ = ["BITS", "GroupQuantized", "quantize_groupwise", "dequantize_groupwise", "dequantize_groupwise_reference",
            "pack_codes", "unpack_codes", "check_bits", "check_group_size", "SCALE_DTYPE", "ZERO_DTYPE",
@@ -262,11 +262,7 @@ class LinearGroupwise(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) casts floating-point buffers; the fp16 scales and fp32 zeros only follow the device
-        kept = {"scales": self.scales, "zeros": self.zeros}
-        super()._apply(fn, recurse)
-        for name, value in kept.items():
-            setattr(self, name, value.to(getattr(self, name).device))
-        return self
+        return apply_keeping_dtypes(self, ("scales", "zeros"), lambda: super(LinearGroupwise, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

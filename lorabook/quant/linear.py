@@ -88,6 +88,20 @@ class _DequantizeLinear(torch.autograd.Function):
         return grad_x, None, None
 
 
+def apply_keeping_dtypes(module: nn.Module, names: tuple[str, ...], apply) -> nn.Module:
+    """``apply()`` (a module's ``nn.Module._apply``: ``.to``, ``.cuda``, ``.half`` ...) with the tensors ``names``
+    of ``module`` following only the device, in their own dtype. A quantized layer's constants are stored in the
+    dtype its format fixes; ``model.to(torch.bfloat16)`` must not recast them. Each stays a buffer or a frozen
+    parameter, as it was (FSDP's ``quantized_storage_as_parameters`` makes them parameters)."""
+    # detach(): a new tensor on the same storage, which _apply's in-place `param.data = fn(param)` cannot recast
+    kept = {name: getattr(module, name).detach() for name in names if getattr(module, name, None) is not None}
+    apply()
+    for name, value in kept.items():
+        moved = value.to(getattr(module, name).device)
+        setattr(module, name, nn.Parameter(moved, requires_grad=False) if name in module._parameters else moved)
+    return module
+
+
 def dequantize_linear(x: torch.Tensor, dequantize, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``compute_linear(x, dequantize(), bias)`` for a frozen quantized weight: ``dequantize()`` returns W (out, in)
     in x's dtype, and the backward calls it again instead of keeping W from the forward (that would cost the
@@ -173,11 +187,7 @@ class LinearNF4(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) casts every floating-point buffer; the fp32 block constants must only follow the device.
-        kept = {name: getattr(self, name) for name in _FP32_BUFFERS if getattr(self, name) is not None}
-        super()._apply(fn, recurse)
-        for name, value in kept.items():
-            setattr(self, name, value.to(getattr(self, name).device))
-        return self
+        return apply_keeping_dtypes(self, _FP32_BUFFERS, lambda: super(LinearNF4, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
         double = "" if self.weight_absmax_codes is None else ", double_quant"

@@ -15,11 +15,12 @@ Per rank, of P parameters (T trainable):
 
 (``lorabook.train.wire`` measures the second line). A frozen base still travels: FSDP saves memory, not bytes.
 
-QLoRA. FSDP1 flattens a unit into one tensor of one dtype, so bitsandbytes stores 4-bit codes in a float-typed
-tensor (``quant_storage``) to let FSDP shard them. FSDP2 shards parameter by parameter, any dtype, but only
-parameters: lorabook's ``LinearNF4`` keeps its codes as buffers, which FSDP would copy whole to every rank.
-``shard`` re-registers them as frozen parameters (``nf4_storage_as_parameters``; the names, and so the
-state_dict, stay the same), so each rank stores 1/N of the 4-bit base too. The double-quant offset, one fp32
+QLoRA and QA-LoRA. FSDP1 flattens a unit into one tensor of one dtype, so bitsandbytes stores 4-bit codes in a
+float-typed tensor (``quant_storage``) to let FSDP shard them. FSDP2 shards parameter by parameter, any dtype,
+but only parameters: lorabook's ``LinearNF4`` and ``LinearGroupwise`` keep their codes and constants as buffers,
+which FSDP would copy whole to every rank. ``shard`` re-registers them as frozen parameters
+(``quantized_storage_as_parameters``; the names, and so the state_dict, stay the same), so each rank stores 1/N
+of the quantized base too. The double-quant offset, one fp32
 scalar, stays a buffer: fully_shard refuses 0-d parameters.
 
 Checkpoints are whole: saving gathers the shards (``full_tensor``, ``full_optimizer_state``), resuming cuts the
@@ -35,12 +36,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..quant.groupwise import LinearGroupwise
 from ..quant.linear import LinearNF4
 
-__all__ = ["decoder_layers", "check_shardable", "check_fsdp", "nf4_storage_as_parameters", "shard", "full_tensor",
+__all__ = ["decoder_layers", "check_shardable", "check_fsdp", "quantized_storage_as_parameters", "shard", "full_tensor",
            "full_optimizer_state", "shard_checkpoint", "local_bytes", "rank_step_peak"]
 
-NF4_STORAGE = ("weight_packed", "weight_absmax", "weight_absmax_codes", "weight_absmax2")  # not the 0-d offset
+QUANTIZED_STORAGE = {  # the buffers FSDP should shard, per quantized layer type (all of dim 0 = out_features)
+    LinearNF4: ("weight_packed", "weight_absmax", "weight_absmax_codes", "weight_absmax2"),  # not the 0-d offset
+    LinearGroupwise: ("qweight", "scales", "zeros"),
+}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -66,13 +71,16 @@ def check_shardable(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def nf4_storage_as_parameters(model: nn.Module) -> int:
-    """Re-register every ``LinearNF4``'s codes and block constants as frozen parameters, in place, so that FSDP
-    shards them (lorabook's quant_storage); returns how many tensors moved. Names and values do not change."""
+def quantized_storage_as_parameters(model: nn.Module) -> int:
+    """Re-register every ``LinearNF4``'s and ``LinearGroupwise``'s codes and constants (QUANTIZED_STORAGE) as frozen
+    parameters, in place, so that FSDP shards them (lorabook's quant_storage); returns how many tensors moved.
+    Names and values do not change."""
     moved = 0
     for module in model.modules():
-        if isinstance(module, LinearNF4):
-            for name in NF4_STORAGE:
+        for kind, names in QUANTIZED_STORAGE.items():
+            if not isinstance(module, kind):
+                continue
+            for name in names:
                 tensor = module._buffers.get(name)
                 if tensor is not None:
                     del module._buffers[name]
@@ -92,7 +100,7 @@ def shard(model: nn.Module, mesh=None) -> nn.Module:
     if mesh is None:
         device = next(model.parameters()).device.type
         mesh = init_device_mesh(device, (dist.get_world_size(),))
-    nf4_storage_as_parameters(model)
+    quantized_storage_as_parameters(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
