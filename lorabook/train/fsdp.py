@@ -20,8 +20,8 @@ float-typed tensor (``quant_storage``) to let FSDP shard them. FSDP2 shards para
 but only parameters: lorabook's ``LinearNF4`` and ``LinearGroupwise`` keep their codes and constants as buffers,
 which FSDP would copy whole to every rank. ``shard`` re-registers them as frozen parameters
 (``quantized_storage_as_parameters``; the names, and so the state_dict, stay the same), so each rank stores 1/N
-of the quantized base too. The double-quant offset, one fp32
-scalar, stays a buffer: fully_shard refuses 0-d parameters.
+of the quantized base too. The double-quant offset, one fp32 scalar, stays a buffer: fully_shard refuses 0-d
+parameters.
 
 Checkpoints are whole: saving gathers the shards (``full_tensor``, ``full_optimizer_state``), resuming cuts the
 checked tensors into this rank's shards again (``shard_checkpoint``): a run stopped under FSDP resumes exactly
@@ -77,15 +77,13 @@ def quantized_storage_as_parameters(model: nn.Module) -> int:
     Names and values do not change."""
     moved = 0
     for module in model.modules():
-        for kind, names in QUANTIZED_STORAGE.items():
-            if not isinstance(module, kind):
-                continue
-            for name in names:
-                tensor = module._buffers.get(name)
-                if tensor is not None:
-                    del module._buffers[name]
-                    module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
-                    moved += 1
+        names = next((names for kind, names in QUANTIZED_STORAGE.items() if isinstance(module, kind)), ())
+        for name in names:
+            tensor = module._buffers.get(name)
+            if tensor is not None:
+                del module._buffers[name]
+                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+                moved += 1
     return moved
 
 
