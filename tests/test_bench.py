@@ -92,3 +92,13 @@ def test_qalora_bench_quick_compares_the_merged_int4_model():
     int4, vs_nf4 = rows[4], rows[5]
     # the tiny model's groups of 16: codes 0.5 byte a weight, an fp16 scale and an fp32 zero per 16 weights
     assert int4["ratio"] == (0.5 + 6 / 16) / 2 and vs_nf4["lorabook"] == int4["lorabook"]
+
+
+def test_s2attn_bench_quick_compares_with_full_and_eager_attention():
+    from lorabook.bench.s2attn import bench_s2attn
+    rows = bench_s2attn(quick=True)  # 256 and 512 tokens: a smoke test of the benchmark, not a timing
+    assert [(r["metric"], r["peer"][:4]) for r in rows[:4]] == [("seconds", "full"), ("bytes", "full"),
+                                                                 ("bytes", "full"), ("seconds", "full")]
+    eager_bytes = rows[2]
+    assert eager_bytes["ratio"] < 1  # the n x n scores the math backend keeps are more than S²-Attn's copies
+    assert all(4 < r["flop_ratio"] < 4.5 for r in rows if "flop_ratio" in r)

@@ -1,6 +1,7 @@
-"""``python -m lorabook.experiments table1 | subspace | transfer | merge | peft | scaling | table2 table5 table6 qlora |
-qalora [--shard k/n] [--dry-run]``: the sweeps behind notebooks 03, 07 and 08, written to data/ (see
-``lorabook.experiments``, its ``subspace``, ``qlora_eval``, ``qlora_merge``, ``qlora_peft`` and ``scaling``)."""
+"""``python -m lorabook.experiments table1 | subspace | transfer | merge | peft | scaling | longlora | table2 table5
+table6 qlora | qalora [--shard k/n] [--dry-run]``: the sweeps behind notebooks 03, 07, 08 and 09, written to data/
+(see ``lorabook.experiments``, its ``subspace``, ``qlora_eval``, ``qlora_merge``, ``qlora_peft``, ``scaling`` and
+``longlora``)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,9 @@ def main(argv=None) -> None:
         return
     from .qlora_peft import cli as peft_run  # notebook 07's QLoRA through BitsAndBytesConfig + peft -> qlora_peft.json
     if "peft" in args.tables and peft_run(args):
+        return
+    from .longlora import cli as longlora  # notebook 09: passkey and perplexity past 8k tokens -> data/longlora.json
+    if "longlora" in args.tables and longlora(args):
         return
     from .scaling import cli as scaling  # notebook 07's DDP / FSDP bytes, 2 processes -> data/scaling_out.json
     if "scaling" in args.tables and scaling(args):
