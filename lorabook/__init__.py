@@ -14,6 +14,8 @@ The package, by role (each subpackage's docstring maps its modules)::
     paged        PagedAdamW, PagedAdamW8bit: optimizer state in pages under a device budget
     qlora        add_qlora / prepare_qlora: NF4 base + LoRA + checkpointing + paged AdamW; merge_qlora
     qalora       QA-LoRA: a group-wise INT-k base, LoRA on group means, merged exactly into the zero points
+    longlora     LongLoRA: S²-Attn (shifted sparse attention), position interpolation, LoRA+ (embeddings, norms)
+    longdata     long-context data: the passkey task, a long offline text
     train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``
     experiments/ the sweeps behind the notebooks' tables -> data/
     bench/       ``python -m lorabook.bench NAME``: lorabook vs its peer in the same run

@@ -129,7 +129,8 @@ def s2_attention_masked(q, k, v, group_size: int, causal: bool = True, shift: bo
 
 
 def grouped_attention(q, k, v, g: int, causal: bool, scale, dropout_p: float) -> torch.Tensor:
-    """Attention inside consecutive groups of g on (b, h, n, d) with n % g == 0: a view (b, h·n/g, g, d), one SDPA."""
+    """Attention inside consecutive groups of g on (b, h, n, d) with n % g == 0: reshaped (b, h·n/g, g, d) -- a
+    view of a contiguous tensor, no copy -- every group one entry of one SDPA call."""
     b, h, n, d = q.shape
     q, k, v = (t.reshape(b, h * (n // g), g, d) for t in (q, k, v))          # (b, h·groups, g, d)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)

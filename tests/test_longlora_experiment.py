@@ -31,15 +31,18 @@ def test_smoke_run_writes_every_stage_and_resumes(tiny_base, tmp_path, monkeypat
     out = tmp_path / "longlora.json"
     result = L.run("smoke", out=out)
     assert list(result["stages"]) == ["SmolLM2", "SmolLM2 + PI x2", "LongLoRA LoRA+", "LongLoRA LoRA", "LongLoRA full"]
-    saved = json.loads(out.read_text())
-    assert saved["stages"].keys() == result["stages"].keys() and saved["original_context"] == 256
-    plus, lora = saved["stages"]["LongLoRA LoRA+"], saved["stages"]["LongLoRA LoRA"]
+    result = L.measurements(result)
+    file = json.loads(out.read_text())
+    saved = L.measurements(file)
+    assert saved.keys() == result.keys() and file["original_context"] == 256
+    plus, lora = saved["LongLoRA LoRA+"], saved["LongLoRA LoRA"]
     assert plus["counts"]["trainable"] == lora["counts"]["lora"] + 256 * 64 + 5 * 64  # + embeddings + 5 norms
     assert len(plus["loss"]) == 2 and plus["passkey"][0]["length"] == 256 and lora["passkey"] == []
-    assert all(s["perplexity"]["256"]["ppl"] > 1 for s in saved["stages"].values())
+    assert all(s["perplexity"]["256"]["ppl"] > 1 for s in saved.values())
+    assert list(saved["SmolLM2"]["perplexity"]["256"]["by_positions"]) == ["0-254"]
     import lorabook.train.loop
     monkeypatch.setattr(lorabook.train.loop, "train", lambda *a, **k: pytest.fail("a finished stage ran again"))
-    assert L.run("smoke", out=out)["stages"] == saved["stages"]
+    assert L.run("smoke", out=out)["stages"] == file["stages"]
 
 
 def test_prepare_turns_on_interpolation_and_s2attn_and_leaves_the_base_alone(tiny_base):

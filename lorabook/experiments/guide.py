@@ -324,8 +324,9 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
          + "; ".join(f"{_score(by_run[k])} ({_params(by_run[k]['trainable'])}): {_versus(by_run[k], qv)}"
                      for k in ("adapter_h-m6", "adapter_l-m12", "bitfit", "prefix-p40"))
          + ". The adapters' latency: rule 4.",
-         "6. **Not measured here yet:** QA-LoRA (the merged model stays 4-bit), LongLoRA (longer contexts), S-LoRA "
-         "(serving many adapters); lessons 08–10 are planned.", ""]
+         "6. **Measured in their own lessons:** QA-LoRA, a fine-tune whose merged model stays INT-k "
+         "([08](08_qa_lora.ipynb)); LongLoRA, a longer context for little compute ([09](09_longlora.ipynb)). "
+         "**Not measured here yet:** S-LoRA (serving many adapters); lesson 10 is planned.", ""]
 
     L += ["## Accuracy on the SQL task (exact match)", "",
           "From `data/lora_tables.json` and `data/lora_sql_results.json`; the paper's GPT-3 175B numbers are in "

@@ -20,8 +20,8 @@ are 16384 tokens long, the steps 100 and the passkey set larger.
 
     python -m lorabook.experiments longlora          # ~70 minutes on 2 CPU cores; resumes a stopped run
 
-Each stage (a passkey sweep, a fine-tune with its evaluations) is written to the file as soon as it is done; a
-run with the same settings skips the stages already there.
+Each part (a passkey sweep or the perplexities of one model; a fine-tune with its evaluations) is written to the
+file as soon as it is done; a run with the same settings skips the parts already there.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import lorabook
 from .._checks import check_choice
 from . import DATA, file_command, write_json
 
-__all__ = ["LONGLORA_OUT", "SETTINGS", "PAPER_PPL", "window_perplexity", "prepare", "run", "cli"]
+__all__ = ["LONGLORA_OUT", "SETTINGS", "PAPER_PPL", "position_nll", "window_perplexity", "prepare", "measurements",
+           "run", "cli"]
 LONGLORA_OUT = DATA / "longlora.json"
 PAPER_PPL = {"full": 8.08, "LoRA": 11.44, "LoRA+": 8.12}  # Llama2-7B at 32k, PG-19 validation (their Table 2)
 SETTINGS = {
@@ -54,21 +55,26 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @torch.no_grad()
-def window_perplexity(model, windows: list[torch.Tensor], chunk: int = 1024) -> float:
-    """exp(mean next-token cross-entropy) over token windows (length,), one forward each; the output head runs on
-    ``chunk`` positions at a time (12k positions × 49152 logits would be 2.4 GB at once)."""
-    device, total, count = next(model.parameters()).device, 0.0, 0
+def position_nll(model, windows: list[torch.Tensor], chunk: int = 1024) -> torch.Tensor:
+    """Next-token cross-entropy at each position, averaged over token windows (length,) of one length: (length − 1,).
+    One forward per window; the output head runs on ``chunk`` positions at a time (12k positions × 49152 logits
+    would be 2.4 GB at once)."""
+    device = next(model.parameters()).device
     model.eval()
+    head, total = model.get_output_embeddings(), 0
     for ids in windows:
         ids = ids[None].to(device)                                         # (1, T)
         hidden = model.model(ids).last_hidden_state                        # (1, T, d)
-        head = model.get_output_embeddings()
-        for s in range(0, ids.shape[1] - 1, chunk):
-            logits = head(hidden[:, s:min(s + chunk, ids.shape[1] - 1)])   # (1, c, V)
-            target = ids[:, s + 1:s + 1 + logits.shape[1]]
-            total += F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum").item()
-            count += target.numel()
-    return math.exp(total / count)
+        nll = [F.cross_entropy(head(hidden[0, s:s + chunk][:ids.shape[1] - 1 - s]).float(),
+                               ids[0, s + 1:s + 1 + chunk], reduction="none")
+               for s in range(0, ids.shape[1] - 1, chunk)]                 # [(c,)], c <= chunk
+        total = total + torch.cat(nll).cpu()                               # (T − 1,)
+    return total / len(windows)
+
+
+def window_perplexity(model, windows: list[torch.Tensor]) -> float:
+    """exp(mean next-token cross-entropy) over the windows (``position_nll``): lower is better."""
+    return math.exp(position_nll(model, windows).mean().item())
 
 
 def prepare(base, method: str, factor: float):
@@ -107,14 +113,20 @@ def _passkey(model, tokenizer, lengths, n, seed) -> list[dict]:
     return rows
 
 
-def _perplexities(model, tokenizer, lengths, n_windows: int) -> dict:
+def _perplexities(model, tokenizer, lengths, n_windows: int, block: int = 4096) -> dict:
+    """Per length: the perplexity of the first ``n_windows`` held-out windows, over all positions and over each
+    block of ``block`` positions (past the model's trained context, the last blocks tell what the first hide)."""
     from ..longdata import long_text_windows
 
     out = {}
     for length in lengths:
         windows = long_text_windows(tokenizer, length, "eval")[:n_windows]
-        out[str(length)] = dict(ppl=window_perplexity(model, windows), windows=len(windows))
-        print(f"  perplexity at {length:6d} tokens: {out[str(length)]['ppl']:.3f}", flush=True)
+        nll = position_nll(model, windows)                                 # (length − 1,)
+        blocks = {f"{a}-{min(a + block, len(nll)) - 1}": math.exp(nll[a:a + block].mean().item())
+                  for a in range(0, len(nll), block)}
+        out[str(length)] = dict(ppl=math.exp(nll.mean().item()), windows=len(windows), by_positions=blocks)
+        print(f"  perplexity at {length:6d} tokens: {out[str(length)]['ppl']:.3f} "
+              f"(by positions: {', '.join(f'{k} {v:.2f}' for k, v in blocks.items())})", flush=True)
     return out
 
 
@@ -139,41 +151,51 @@ def run(scale: str | None = None, out=LONGLORA_OUT) -> dict:
     original = base.config.max_position_embeddings
     result["original_context"] = original
 
-    def stage(name, fn):
-        if name in stages:
-            print(f"{name}: done already", flush=True)
+    def part(name, key, fn):  # one measurement of one model, written to the file when done
+        stage = stages.setdefault(name, {})
+        if key in stage:
+            print(f"{name}: {key} done already", flush=True)
             return
-        print(f"{name}:", flush=True)
+        print(f"{name}: {key}", flush=True)
         t0 = time.perf_counter()
-        stages[name] = dict(fn(), seconds=time.perf_counter() - t0)
+        stage[key] = fn()
+        stage[f"{key}_seconds"] = time.perf_counter() - t0
         write_json(out, result)
 
-    beyond = [n for n in s["lengths"] if n > original]
-    stage("SmolLM2", lambda: dict(factor=1, passkey=_passkey(base, tokenizer, s["lengths"], s["passkey_n"], s["seed"]),
-                                  perplexity=_perplexities(base, tokenizer, s["ppl_lengths"], s["ppl_windows"])))
-
-    def untuned():
-        model = copy.deepcopy(base)
-        interpolate_positions(model, factor=s["factor"])
-        return dict(factor=s["factor"], passkey=_passkey(model, tokenizer, beyond, s["passkey_n"], s["seed"]),
-                    perplexity=_perplexities(model, tokenizer, s["ppl_lengths"], s["ppl_windows"]))
-    stage(f"SmolLM2 + PI x{s['factor']}", untuned)
+    stages.setdefault("SmolLM2", {})["factor"] = 1
+    part("SmolLM2", "passkey", lambda: _passkey(base, tokenizer, s["lengths"], s["passkey_n"], s["seed"]))
+    part("SmolLM2", "perplexity", lambda: _perplexities(base, tokenizer, s["ppl_lengths"], s["ppl_windows"]))
+    pi = copy.deepcopy(base)
+    interpolate_positions(pi, factor=s["factor"])
+    name = f"SmolLM2 + PI x{s['factor']}"
+    stages.setdefault(name, {})["factor"] = s["factor"]
+    part(name, "passkey", lambda: _passkey(pi, tokenizer, [n for n in s["lengths"] if n > original], s["passkey_n"],
+                                           s["seed"]))
+    part(name, "perplexity", lambda: _perplexities(pi, tokenizer, s["ppl_lengths"], s["ppl_windows"]))
 
     windows = long_text_windows(tokenizer, s["train_len"], "train")
     batches = [dict(input_ids=w[None], attention_mask=torch.ones_like(w[None]), labels=w[None]) for w in windows]
 
-    def finetune(method):
+    def finetune(method):  # one part: the model exists only in this process
         model, counts = prepare(base, method, s["factor"])
+        t0 = time.perf_counter()
         history = train(model, batches, tokenizer, steps=s["steps"], lr=s["lr"], batch_size=1, warmup_steps=2,
                         max_len=s["train_len"], seed=s["seed"], log_every=5, progress=False)
         disable_s2attn(model)   # full attention at inference
         lengths = s["lengths"] if method == "LoRA+" else []
-        return dict(factor=s["factor"], counts=counts, loss=history.loss, train_seconds=sum(history.seconds),
+        return dict(factor=s["factor"], counts=counts, loss=history.loss, train_seconds=time.perf_counter() - t0,
                     passkey=_passkey(model, tokenizer, lengths, s["passkey_n"], s["seed"]),
                     perplexity=_perplexities(model, tokenizer, s["ppl_lengths"], s["ppl_windows"]))
     for method in ("LoRA+", "LoRA", "full"):
-        stage(f"LongLoRA {method}", lambda m=method: finetune(m))
+        part(f"LongLoRA {method}", "result", lambda m=method: finetune(m))
     return result
+
+
+def measurements(result: dict) -> dict[str, dict]:
+    """model name -> its measurements (passkey rows, perplexities; for a fine-tune also counts and loss), from a
+    ``run`` result: a fine-tune's are under "result" in the file."""
+    return {name: {**{k: v for k, v in st.items() if k != "result"}, **st.get("result", {})}
+            for name, st in result["stages"].items()}
 
 
 def cli(args) -> bool:
@@ -181,7 +203,7 @@ def cli(args) -> bool:
     is left to run."""
     def report(result):
         lines = []
-        for name, st in result["stages"].items():
+        for name, st in measurements(result).items():
             pk = ", ".join(f"{r['length']}: {r['correct']}/{r['n']}" for r in st["passkey"])
             pp = ", ".join(f"{k}: {v['ppl']:.2f}" for k, v in st["perplexity"].items())
             lines.append(f"{name:22s} passkey {pk or '-'} | perplexity {pp}")
