@@ -15,6 +15,7 @@ The package, by role (each subpackage's docstring maps its modules)::
     qlora        add_qlora / prepare_qlora: NF4 base + LoRA + checkpointing + paged AdamW; merge_qlora
     qalora       QA-LoRA: a group-wise INT-k base, LoRA on group means, merged exactly into the zero points
     longlora     LongLoRA: S²-Attn (shifted sparse attention), position interpolation, LoRA+ (embeddings, norms)
+    longlora_kernel  S²-Attn's memory-lean CPU path: the flash kernel on views, with its own backward
     longdata     long-context data: the passkey task, a long offline text
     train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``
     experiments/ the sweeps behind the notebooks' tables -> data/

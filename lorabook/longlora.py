@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import bad_choice, check_flag, check_int, check_module, check_number, check_positive_int
+from .longlora_kernel import DTYPES as KERNEL_DTYPES, kernel_available, s2_attention_kernel
 
 __all__ = ["s2_attention", "s2_attention_masked", "s2_mask", "group_ids", "attention_flops", "grouped_attention",
            "shifted_attention", "check_s2_args", "S2ATTN", "enable_s2attn",
@@ -153,25 +154,34 @@ def shifted_attention(q, k, v, g: int, causal: bool, scale, dropout_p: float) ->
 
 
 def s2_attention(q, k, v, group_size: int, causal: bool = True, shift: bool = True, scale=None,
-                 dropout_p: float = 0.0, path: str = "grouped") -> torch.Tensor:
+                 dropout_p: float = 0.0, path: str = "auto") -> torch.Tensor:
     """Shifted sparse attention: (b, H, n, d) queries, (b, H_kv, n, d) keys/values -> (b, H, n, d).
 
-    path="grouped" (default) reshapes the groups into the batch of ``scaled_dot_product_attention`` (n·g work);
-    path="masked" is ``s2_attention_masked`` (n² work, the mask drawn from the rule). Causal: a length that is not a
-    multiple of group_size is padded at the end and cut off again (later tokens are never attended to, so the pad is
-    invisible and the last group is simply partial)."""
+    path="grouped" reshapes the groups into the batch of ``scaled_dot_product_attention`` (n·g work, any device);
+    path="kernel" runs the same groups as views on the CPU flash kernel with its own backward
+    (``lorabook.longlora_kernel``: no copies, the peak memory of full flash attention or less); path="auto"
+    (default) takes "kernel" where it runs (CPU, no dropout) and "grouped" elsewhere; path="masked" is
+    ``s2_attention_masked`` (n² work, the mask drawn from the rule). Causal: a length that is not a multiple of
+    group_size is padded at the end and cut off again (later tokens are never attended to, so the pad is invisible
+    and the last group is simply partial)."""
     if path == "masked":
         return s2_attention_masked(q, k, v, group_size, causal, shift, scale, dropout_p)
-    if path != "grouped":
-        raise bad_choice("path", path, ["grouped", "masked"])
+    if path not in ("auto", "kernel", "grouped"):
+        raise bad_choice("path", path, ["auto", "kernel", "grouped", "masked"])
     check_s2_args(q, k, v, group_size, causal)
     check_flag("shift", shift)
     check_number("dropout_p", dropout_p, low=0, high=1, high_open=True)
-    heads, n = q.shape[1], q.shape[2]
-    k, v = _expand_kv(k, heads), _expand_kv(v, heads)
-    pad = -n % group_size
+    runs_on_kernel = kernel_available(q, k, v, dropout_p)
+    if path == "kernel" and not runs_on_kernel:
+        raise ValueError(f"path='kernel' needs CPU tensors of one of {[str(t) for t in KERNEL_DTYPES]}, a last "
+                         f"dim of stride 1 and dropout_p=0 (got {q.device.type}, {q.dtype}, dropout_p={dropout_p})")
+    n, pad = q.shape[2], -q.shape[2] % group_size
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))                # (b, H, n + pad, d)
+    if path == "kernel" or (path == "auto" and runs_on_kernel):
+        return s2_attention_kernel(q, k, v, group_size, causal, shift, scale)[:, :, :n]
+    heads = q.shape[1]
+    k, v = _expand_kv(k, heads), _expand_kv(v, heads)
     split = heads // 2 if shift else heads
     out = [grouped_attention(q[:, :split], k[:, :split], v[:, :split], group_size, causal, scale, dropout_p)]
     if split < heads:

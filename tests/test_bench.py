@@ -97,8 +97,10 @@ def test_qalora_bench_quick_compares_the_merged_int4_model():
 def test_s2attn_bench_quick_compares_with_full_and_eager_attention():
     from lorabook.bench.s2attn import bench_s2attn
     rows = bench_s2attn(quick=True)  # 256 and 512 tokens: a smoke test of the benchmark, not a timing
-    assert [(r["metric"], r["peer"][:4]) for r in rows[:4]] == [("seconds", "full"), ("bytes", "full"),
-                                                                 ("bytes", "full"), ("seconds", "full")]
-    eager_bytes = rows[2]
-    assert eager_bytes["ratio"] < 1  # the n x n scores the math backend keeps are more than S²-Attn's copies
+    assert [(r["metric"], "grouped" in r["case"], r["peer"][:9]) for r in rows[:6]] == [
+        ("seconds", False, "full caus"), ("seconds", True, "full caus"), ("bytes", False, "full caus"),
+        ("bytes", True, "full caus"), ("bytes", False, "full caus"), ("seconds", False, "full caus")]
+    kernel_bytes, grouped_bytes, eager_bytes = rows[2:5]
+    assert eager_bytes["ratio"] < 1  # the n x n scores the math backend keeps are more than S²-Attn's pieces
+    assert kernel_bytes["lorabook"] < grouped_bytes["lorabook"]   # views and the kernel's backward: no copies kept
     assert all(4 < r["flop_ratio"] < 4.5 for r in rows if "flop_ratio" in r)

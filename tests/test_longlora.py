@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from conftest import assert_same, snapshot
+from lorabook.longlora_kernel import head_runs, pieces
 from lorabook.longlora import (attention_flops, disable_s2attn, enable_s2attn, group_ids, interpolate_positions,
                                interpolation_factor, longlora_trainable, s2_attention, s2_attention_masked, s2_mask)
 from lorabook.lora import add_lora
@@ -45,14 +46,17 @@ def grads(out, inputs, seed=1):
     return torch.autograd.grad(out, inputs, g)
 
 
+@pytest.mark.parametrize("path", ["kernel", "grouped"])
 @settings(max_examples=25, deadline=None)
 @given(groups=st.integers(1, 4), half=st.integers(1, 4), extra=st.integers(0, 7), heads_per_kv=st.integers(1, 3),
-       kv_heads=st.integers(1, 3))
-def test_fast_path_equals_the_loop_and_the_mask_forward_and_backward(groups, half, extra, heads_per_kv, kv_heads):
+       kv_heads=st.integers(1, 3), batch=st.integers(1, 2))
+def test_fast_paths_equal_the_loop_and_the_mask_forward_and_backward(path, groups, half, extra, heads_per_kv,
+                                                                     kv_heads, batch):
     g = 2 * half
     n = groups * g + (extra % g)                      # sometimes not a multiple: the padded path
-    q, k, v = qkv(n, heads=heads_per_kv * kv_heads, kv_heads=kv_heads)
-    fast, masked, loop = s2_attention(q, k, v, g), s2_attention_masked(q, k, v, g), loop_reference(q, k, v, g)
+    q, k, v = qkv(n, heads=heads_per_kv * kv_heads, kv_heads=kv_heads, batch=batch)
+    fast, masked, loop = (s2_attention(q, k, v, g, path=path), s2_attention_masked(q, k, v, g),
+                          loop_reference(q, k, v, g))
     torch.testing.assert_close(fast, loop, rtol=0, atol=1e-12)
     torch.testing.assert_close(masked, loop, rtol=0, atol=1e-12)
     for a, b in zip(grads(fast, (q, k, v)), grads(loop, (q, k, v))):
@@ -63,6 +67,55 @@ def test_fp32_fast_and_masked_paths_agree_to_rounding():
     q, k, v = qkv(64, dtype=torch.float32)
     diff = (s2_attention(q, k, v, 16) - s2_attention(q, k, v, 16, path="masked")).abs().max()
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_is_the_grouped_path_bit_for_bit(dtype):
+    q, k, v = qkv(96, dtype=dtype)                     # 9 heads on 3: runs cut key/value head 1 (heads 3 | 4, 5)
+    kernel, grouped = s2_attention(q, k, v, 32, path="kernel"), s2_attention(q, k, v, 32, path="grouped")
+    assert torch.equal(kernel, grouped)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]                  # the same inputs, float64
+    exact = grads(loop_reference(*wide, 32), wide)
+    for a, b, c in zip(grads(kernel, (q, k, v)), grads(grouped, (q, k, v)), exact):
+        # the gradients round differently (the kernel sums GQA's key/value gradients in fp32 inside): both as close
+        # to the float64 gradient as the dtype allows
+        err_kernel, err_grouped = ((x.double() - c).abs().max().item() for x in (a, b))
+        assert err_kernel <= max(2 * err_grouped, 1e-5)
+
+
+def test_kernel_path_reads_transformers_layout_and_broadcast_gradients():
+    """transformers hands (b, H, n, d) views of (b, n, H, d) projections; ``.sum()`` sends a stride-0 gradient."""
+    leaves = [t.transpose(1, 2).detach().contiguous().requires_grad_() for t in qkv(40, d=4)]  # (b, n, heads, d)
+    q, k, v = (t.transpose(1, 2) for t in leaves)                                               # strided views
+    assert not q.is_contiguous()
+    torch.testing.assert_close(s2_attention(q, k, v, 8, path="kernel"), loop_reference(q, k, v, 8), rtol=0, atol=1e-12)
+    kernel = torch.autograd.grad(s2_attention(q, k, v, 8, path="kernel").sum(), leaves)
+    loop = torch.autograd.grad(loop_reference(q, k, v, 8).sum(), leaves)
+    for a, b in zip(kernel, loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_auto_takes_the_kernel_where_it_runs_and_grouped_with_dropout():
+    q, k, v = qkv(32, dtype=torch.float32)
+    torch.manual_seed(0)
+    with_dropout = s2_attention(q, k, v, 8, dropout_p=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(with_dropout, s2_attention(q, k, v, 8, dropout_p=0.5, path="grouped"))
+    assert torch.equal(s2_attention(q, k, v, 8), s2_attention(q, k, v, 8, path="kernel"))
+    with pytest.raises(ValueError, match="path='kernel' needs .* dropout_p=0"):
+        s2_attention(q, k, v, 8, dropout_p=0.5, path="kernel")
+
+
+def test_kernel_pieces_cover_every_query_once_and_keep_gqa_groups_whole():
+    assert head_runs(0, 4, 3) == [(slice(0, 3), slice(0, 1)), (slice(3, 4), slice(1, 2))]
+    assert head_runs(4, 9, 3) == [(slice(4, 6), slice(1, 2)), (slice(6, 9), slice(2, 3))]
+    assert head_runs(0, 16, 4) == [(slice(0, 16), slice(0, 4))]   # Llama-style: one call for all aligned heads
+    batch, heads, n, g = 2, 9, 32, 8
+    covered = torch.zeros(batch, heads, n, dtype=torch.long)
+    for b, q_heads, kv, start, stop, size in pieces(batch, heads, 3, n, g, shift=True):
+        assert (q_heads.stop - q_heads.start) % (kv.stop - kv.start) == 0 and (stop - start) % size == 0
+        covered[b, q_heads, start:stop] += 1
+    assert (covered == 1).all()
 
 
 def test_one_group_without_shift_is_full_causal_attention():

@@ -4,11 +4,14 @@ SmolLM2-135M's attention shapes: 9 query heads, 3 key/value heads (GQA), head_di
 2048 / 4096 / 8192 tokens (``--quick``: 256 / 512). One step is the attention's forward and backward (the
 gradient of q, k and v for a fixed upstream gradient):
 
-    lorabook   ``lorabook.longlora.s2_attention`` with group = n / 4 (the grouped fast path: every group a batch
-               entry of one ``scaled_dot_product_attention``, half of the heads shifted by half a group)
+    lorabook   ``lorabook.longlora.s2_attention`` with group = n / 4, half of the heads shifted by half a group;
+               its default path: on a CPU the flash kernel on views with its own backward
+               (``lorabook.longlora_kernel``), elsewhere the grouped path; and beside it ``path="grouped"`` (every
+               group a batch entry of one ``scaled_dot_product_attention``, under autograd)
     peer       torch's ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)``: full causal attention,
                as a transformers model runs it for an unpadded batch. On a CPU (and a GPU) this is a flash kernel:
-               it never stores the n x n scores, so its memory is already O(n) -- S²-Attn saves time, not bytes, here
+               it never stores the n x n scores, so its memory is already O(n) -- S²-Attn saves time here, and
+               bytes only where it keeps less than the flash kernel does (the kernel path; the grouped one keeps more)
     eager      the same attention with the scores materialized (SDPA's math backend, like transformers' "eager"),
                the O(n²)-memory attention LongLoRA's memory claim is against; up to 4096 tokens
 
@@ -47,13 +50,16 @@ def _steps(qkv: nn.ParameterList, grad: torch.Tensor, n: int) -> dict:
     def s2():
         s2_attention(q, k, v, n // 4).backward(grad)
 
+    def grouped():
+        s2_attention(q, k, v, n // 4, path="grouped").backward(grad)
+
     def full():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad)
 
     def eager():
         with sdpa_kernel(SDPBackend.MATH):
             full()
-    return {"s2": s2, "full": full, "eager": eager}
+    return {"s2": s2, "grouped": grouped, "full": full, "eager": eager}
 
 
 def _zero_grads(qkv: nn.ParameterList) -> None:
@@ -80,17 +86,19 @@ def _bench(quick: bool) -> list[dict]:
                         rounds=rounds, repeat=repeat, warmup=1, device=dev)
         flop_ratio = attention_flops(n, HEAD_DIM, HEADS) / attention_flops(n, HEAD_DIM, HEADS, n // 4)
         case = f"attention fwd+bwd, {n} tokens, 9/3 heads x 64"
-        rows.append(row(f"{case}: S2-Attn group {n // 4}", "seconds", t["s2"].median, "full causal SDPA",
-                        t["full"].median, paired_ratio=paired_ratio(t["s2"], t["full"], repeat),
-                        flop_ratio=flop_ratio))
+        s2_case, grouped_case = f"{case}: S2-Attn group {n // 4}", f"{case}: S2-Attn grouped path, group {n // 4}"
+        rows.append(row(s2_case, "seconds", t["s2"].median, "full causal SDPA", t["full"].median,
+                        paired_ratio=paired_ratio(t["s2"], t["full"], repeat), flop_ratio=flop_ratio))
+        rows.append(row(grouped_case, "seconds", t["grouped"].median, "full causal SDPA", t["full"].median,
+                        paired_ratio=paired_ratio(t["grouped"], t["full"], repeat)))
         peaks = {}
         for name, fn in steps.items():
             _zero_grads(qkv)
             peaks[name] = step_peak(fn, qkv, grad)["Total"]
-        for name, peer in (("full", "full causal SDPA"), ("eager", EAGER)):
-            if name in steps:
-                rows.append(row(f"{case}: S2-Attn group {n // 4}", "bytes", peaks["s2"], peer, peaks[name]))
+        rows.append(row(s2_case, "bytes", peaks["s2"], "full causal SDPA", peaks["full"]))
+        rows.append(row(grouped_case, "bytes", peaks["grouped"], "full causal SDPA", peaks["full"]))
         if "eager" in steps:
-            rows.append(row(f"{case}: S2-Attn group {n // 4}", "seconds", t["s2"].median, EAGER, t["eager"].median,
+            rows.append(row(s2_case, "bytes", peaks["s2"], EAGER, peaks["eager"]))
+            rows.append(row(s2_case, "seconds", t["s2"].median, EAGER, t["eager"].median,
                             paired_ratio=paired_ratio(t["s2"], t["eager"], repeat)))
     return rows
