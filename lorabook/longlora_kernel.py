@@ -6,9 +6,9 @@ groups, every call's output and the concatenated output; and the backward of eac
 zero gradient. Its peak memory is above full flash attention's. Here every piece of the work is a *view* of q, k
 and v, and the backward is the kernel's own (LongLoRA's flash path, ``cu_seqlens`` offsets, does the same on a GPU):
 
-    for each batch row, each run of query heads that reads one key/value head (GQA), unshifted or shifted:
-        (groups, heads, g, d) views: the groups are the kernel's batch, no copy, no repeated key/value heads
-        out[piece], lse = flash(q[piece], k[piece], v[piece])             lse: log-sum-exp, (groups, heads, g)
+    for each batch row, each run of query heads that reads one key/value head (GQA), each of their groups:
+        (1, heads, group, d) views of q, k, v: no copy, no repeated key/value heads (the kernel reads them)
+        out[piece], lse = flash(q[piece], k[piece], v[piece])             lse: log-sum-exp, (1, heads, group)
     backward: dq[piece] = ..., dk[piece] += ..., dv[piece] += flash_backward(dout[piece], q, k, v, out, lse)
 
 so a step keeps what full flash attention keeps: the inputs, one output and a log-sum-exp per query row. Shifted
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kernel_available", "s2_attention_kernel", "pieces"]
+__all__ = ["kernel_available", "s2_attention_kernel", "pieces", "head_runs", "DTYPES"]
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -45,24 +45,26 @@ def head_runs(lo: int, hi: int, per_kv: int) -> list[tuple[slice, slice]]:
 
 
 def pieces(batch: int, heads: int, kv_heads: int, n: int, g: int, shift: bool) -> list[tuple]:
-    """Every kernel call of one S²-Attn: (batch row, query heads, key/value heads, start, stop, group size).
+    """Every kernel call of one S²-Attn, one group each: (batch row, query heads, key/value heads, start, stop).
 
-    Heads h < heads // 2 (all of them with shift=False): [0, n) in groups of g. The others: [0, g/2) and
-    [n − g/2, n) as single half-groups, [g/2, n − g/2) in groups of g."""
+    Heads h < heads // 2 (all of them with shift=False): the groups [0, g), [g, 2g), … The others: [0, g/2),
+    [g/2, 3g/2), …, [n − g/2, n). One group per call keeps each call's gradients small (they are added into
+    the whole gradient as they come); the kernel's threads split the group's heads and query blocks."""
     split = heads // 2 if shift else heads
-    spans = {False: [(0, n, g)], True: [(0, g // 2, g // 2), (g // 2, n - g // 2, g), (n - g // 2, n, g // 2)]}
+    bounds = {False: list(range(0, n + 1, g)), True: [0, *range(g // 2, n, g), n]}
     out = []
     for b in range(batch):
         for shifted, (lo, hi) in ((False, (0, split)), (True, (split, heads))):
             for q_heads, kv in head_runs(lo, hi, heads // kv_heads) if hi > lo else []:
-                out += [(b, q_heads, kv, start, stop, size) for start, stop, size in spans[shifted] if stop > start]
+                edges = bounds[shifted]
+                out += [(b, q_heads, kv, start, stop) for start, stop in zip(edges, edges[1:])]
     return out
 
 
 def _view(t: torch.Tensor, heads: slice, piece: tuple) -> torch.Tensor:
-    """(b, heads, n, d) -> the piece's (groups, heads, size, d) view: no copy."""
-    b, _, _, start, stop, size = piece
-    return t[b, heads, start:stop].unflatten(1, (-1, size)).transpose(0, 1)
+    """(b, heads, n, d) -> the piece's (1, heads, group, d) view: no copy."""
+    b, _, _, start, stop = piece
+    return t[b:b + 1, heads, start:stop]
 
 
 class _S2Kernel(torch.autograd.Function):
@@ -73,7 +75,7 @@ class _S2Kernel(torch.autograd.Function):
         for p in runs:
             o, lse = _FLASH(_view(q, p[1], p), _view(k, p[2], p), _view(v, p[2], p), 0.0, causal, scale=scale)
             _view(out, p[1], p).copy_(o)
-            lses.append(lse)                                                  # (groups, heads, size)
+            lses.append(lse)                                                  # (1, heads, group)
         ctx.save_for_backward(q, k, v, out, *lses)
         ctx.runs, ctx.causal, ctx.scale = runs, causal, scale
         return out
