@@ -1,0 +1,15 @@
+"""Serving many LoRA adapters on one base model: S-LoRA in miniature (Sheng et al. 2023,
+https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https://arxiv.org/abs/2310.18547).
+
+    batched.py   the LoRA part of a batch whose rows use different adapters of different ranks: a per-row loop
+                 (the formula), segments per adapter (SGMV), a gather without padding (BGMV), vLLM's padded gather
+    pool.py      the unified paged pool (adapter weights and KV cache in pages of H values) and the contiguous
+                 first-fit allocator it is measured against
+"""
+from .batched import (METHODS, SEGMENT_ROWS, LoRAStack, choose_method, lora_delta, lora_delta_gather, lora_delta_loop,
+                      lora_delta_padded, lora_delta_segments, pad_stack, stack_adapters)
+from .pool import ContiguousAllocator, PagedPool, PoolExhausted
+
+__all__ = ["METHODS", "SEGMENT_ROWS", "LoRAStack", "choose_method", "lora_delta", "lora_delta_gather",
+           "lora_delta_loop", "lora_delta_padded", "lora_delta_segments", "pad_stack", "stack_adapters",
+           "ContiguousAllocator", "PagedPool", "PoolExhausted"]

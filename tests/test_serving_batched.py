@@ -1,0 +1,84 @@
+"""Batched multi-adapter LoRA: every method equals running each row with its own adapter (random ranks, rows
+without an adapter, layers an adapter does not target), and bad input."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lorabook.lora import LoRALinear
+from lorabook.serving import (METHODS, choose_method, lora_delta, lora_delta_gather, lora_delta_loop, lora_delta_padded,
+                              lora_delta_segments, pad_stack, stack_adapters)
+
+IN, OUT = 12, 10
+
+
+def random_adapters(ranks, seed=0, dtype=torch.float64):
+    """One (A, B, scaling) per rank; rank 0 -> None (the adapter does not target this layer)."""
+    g = torch.Generator().manual_seed(seed)
+    return [None if r == 0 else (torch.randn(r, IN, generator=g, dtype=dtype),
+                                 torch.randn(OUT, r, generator=g, dtype=dtype), 16 / r) for r in ranks]
+
+
+@settings(max_examples=40, deadline=None)
+@given(ranks=st.lists(st.sampled_from([0, 1, 2, 4, 8, 16]), min_size=1, max_size=6),
+       slots=st.lists(st.integers(-1, 5), min_size=0, max_size=24), seed=st.integers(0, 3))
+def test_every_method_equals_each_row_with_its_own_adapter(ranks, slots, seed):
+    adapters = random_adapters(ranks, seed)
+    stack = stack_adapters(adapters, IN, OUT, dtype=torch.float64)
+    idx = torch.tensor([s if s < len(ranks) else -1 for s in slots], dtype=torch.int64)
+    x = torch.randn(len(idx), IN, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    expected = torch.zeros(len(idx), OUT, dtype=torch.float64)
+    for i, a in enumerate(idx.tolist()):                     # written out: s · B (A x), per row
+        if a >= 0 and adapters[a] is not None:
+            A, B, s = adapters[a]
+            expected[i] = s * (B @ (A @ x[i]))
+    for fn in (lora_delta_loop, lora_delta_segments, lora_delta_gather, lora_delta_padded):
+        torch.testing.assert_close(fn(x, idx, stack), expected, rtol=1e-12, atol=1e-12)
+    for method in METHODS:
+        torch.testing.assert_close(lora_delta(x, idx, stack, method), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batch_equals_lora_linear_per_request():
+    """Against lorabook's LoRALinear: base + delta for each request's rows equals that adapter's own layer."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(IN, OUT)
+    layers = []
+    for name, r in (("sql", 4), ("style", 8), ("tiny", 1)):
+        layer = LoRALinear(base, r=r, alpha=8, adapter_name=name)
+        torch.nn.init.normal_(layer.lora_B[name])              # B = 0 at init: make the update visible
+        layers.append((name, layer))
+    stack = stack_adapters([(l.lora_A[n].data, l.lora_B[n].data, l.scaling[n]) for n, l in layers], IN, OUT)
+    idx = torch.tensor([2, 0, -1, 1, 1, 0, 2, -1])
+    x = torch.randn(len(idx), IN)
+    y = base(x) + lora_delta(x, idx, stack)
+    for i, a in enumerate(idx.tolist()):
+        own = base(x[i]) if a < 0 else layers[a][1](x[i])
+        torch.testing.assert_close(y[i], own, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_to_the_largest_rank_costs_the_bytes_of_the_largest():
+    stack = stack_adapters(random_adapters([4, 8, 64], dtype=torch.float32), IN, OUT)
+    A, Bt = pad_stack(stack)
+    assert A.shape == (3, 64, IN) and Bt.shape == (3, 64, OUT)
+    assert stack.A.numel() == (4 + 8 + 64) * IN               # unpadded: Σ r rows
+    assert A.numel() / stack.A.numel() == pytest.approx(3 * 64 / 76)
+
+
+def test_auto_picks_segments_for_many_rows_per_adapter_and_gather_for_one():
+    assert choose_method(torch.tensor([0, 1, 2, -1])) == "gather"                   # decode: a row per request
+    assert choose_method(torch.tensor([0] * 16 + [1] * 16)) == "segments"            # prefill: 16 rows each
+    assert choose_method(torch.tensor([-1, -1])) == "gather"                         # no adapter at all
+
+
+def test_bad_input_names_the_argument():
+    stack = stack_adapters(random_adapters([4, 2]), IN, OUT, dtype=torch.float64)
+    x = torch.zeros(3, IN, dtype=torch.float64)
+    with pytest.raises(ValueError, match="idx must hold adapter slots 0 … 1 or -1"):
+        lora_delta(x, torch.tensor([0, 2, -1]), stack)
+    with pytest.raises(ValueError, match="idx must be an int64 tensor of shape"):
+        lora_delta(x, torch.tensor([0, 1]), stack)
+    with pytest.raises(ValueError, match="x must be"):
+        lora_delta(torch.zeros(3, IN + 1), torch.tensor([0, 1, -1]), stack)
+    with pytest.raises(ValueError, match="method"):
+        lora_delta(x, torch.tensor([0, 1, -1]), stack, method="bgmv")
+    with pytest.raises(ValueError, match=r"adapters\[1\]"):
+        stack_adapters([random_adapters([4])[0], (torch.zeros(2, IN), torch.zeros(OUT, 3), 1.0)], IN, OUT)
