@@ -257,17 +257,22 @@ def _plan(model: nn.Module, config: dict, tensors: dict, adapter_name: str) -> d
     return plan
 
 
-def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
-    """Load a PEFT LoRA adapter folder as adapter ``adapter_name`` (created from the config if the model does not
-    have it, overwritten if it has it with the same layers and ranks); it becomes the active adapter unless
-    another one is merged. Everything is checked first: on any error the model is unchanged."""
+def read_adapter(model: nn.Module, directory, adapter_name: str = "default") -> dict[str, dict]:
+    """A PEFT LoRA adapter folder, checked against ``model`` as ``load_adapter`` checks it, without changing the
+    model: {module path: {"r", "alpha", "dropout", "use_rslora", "A" (r, in), "B" (out, r)}}."""
     check_module("model", model)
     check_adapter_name(adapter_name)
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"directory {str(directory)!r} does not exist or is not a folder")
-    config = _read_config(directory)
-    plan = _plan(model, config, _read_tensors(directory), adapter_name)
+    return _plan(model, _read_config(directory), _read_tensors(directory), adapter_name)
+
+
+def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT LoRA adapter folder as adapter ``adapter_name`` (created from the config if the model does not
+    have it, overwritten if it has it with the same layers and ranks); it becomes the active adapter unless
+    another one is merged. Everything is checked first: on any error the model is unchanged."""
+    plan = read_adapter(model, directory, adapter_name)
     if not lora_layers(model):
         for p in model.parameters():  # as add_lora: the base model is frozen once LoRA is on it
             p.requires_grad_(False)

@@ -3,13 +3,17 @@ https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https:
 
     batched.py   the LoRA part of a batch whose rows use different adapters of different ranks: a per-row loop
                  (the formula), segments per adapter (SGMV), a gather without padding (BGMV), vLLM's padded gather
+    store.py     AdapterStore (PEFT folders in host memory, checked against the base) and DeviceCache (the
+                 adapters in use on the device under a byte budget, least recently used evicted first, slots)
     pool.py      the unified paged pool (adapter weights and KV cache in pages of H values) and the contiguous
                  first-fit allocator it is measured against
 """
 from .batched import (METHODS, SEGMENT_ROWS, LoRAStack, choose_method, lora_delta, lora_delta_gather, lora_delta_loop,
                       lora_delta_padded, lora_delta_segments, pad_stack, stack_adapters)
 from .pool import ContiguousAllocator, PagedPool, PoolExhausted
+from .store import AdapterStore, AdapterTooLarge, DeviceCache, HostAdapter
 
 __all__ = ["METHODS", "SEGMENT_ROWS", "LoRAStack", "choose_method", "lora_delta", "lora_delta_gather",
            "lora_delta_loop", "lora_delta_padded", "lora_delta_segments", "pad_stack", "stack_adapters",
-           "ContiguousAllocator", "PagedPool", "PoolExhausted"]
+           "ContiguousAllocator", "PagedPool", "PoolExhausted", "AdapterStore", "AdapterTooLarge", "DeviceCache",
+           "HostAdapter"]
