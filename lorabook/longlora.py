@@ -16,6 +16,11 @@ half-group then lands in the last group, after the last tokens, and attends to t
 (LongLoRA issues #15, #90). Here the first and the last half-group are groups of their own: no position ever
 depends on a later one. ``s2_mask(..., wrap=True)`` draws the rolled version, for comparison.
 
+Three ways to compute it, proven equal in the tests: ``s2_attention_masked`` (the rule as an n × n mask, for
+reading), the grouped path here (groups reshaped into the batch of ``scaled_dot_product_attention``) and the kernel
+path (``lorabook.longlora_kernel``: the CPU flash kernel per group, on views, with its own backward; the default on
+a CPU, the least memory).
+
 Shapes: q (batch, heads, seq, head_dim); k, v (batch, kv_heads, seq, head_dim) with heads % kv_heads == 0 (GQA:
 query head h reads key/value head h // (heads / kv_heads), as transformers' ``repeat_kv``).
 """
