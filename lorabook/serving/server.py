@@ -1,0 +1,260 @@
+"""A generation server for many adapters on one base: continuous batching, greedy decoding (S-LoRA in miniature).
+
+Requests come with a prompt (token ids) and an adapter name (None: the base model). Each step runs the base model
+once for all running requests together: their new tokens are the rows of one batch -- the whole prompt of a request
+that has just been admitted (prefill), one token for the others (decode). Every linear layer is
+
+    y = x W0ᵀ  (one GEMM, all rows)  +  lora_delta(x, idx, stack)    each row its own adapter (``batched``)
+
+Attention is per request, over its own keys and values, kept in the paged pool (``pool``): for every token and
+layer, [k | v] in ⌈2 · kv_dim / H⌉ pages of H values. A request is admitted (first come, first served) when the pool
+can hold its prompt and all of its new tokens and the device cache its adapter next to those of the running
+requests; otherwise it waits until running ones finish. Each request finishes on its own, after max_new_tokens or
+at the end-of-sequence token, as transformers' greedy ``generate`` does for that request alone.
+
+The model: a transformers Llama-family causal LM (SmolLM2, ``lorabook.models.tiny_llama``), plain linear layers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._checks import check_choice, check_int, check_module
+from .batched import METHODS, lora_delta, stack_adapters
+from .pool import PagedPool
+from .store import AdapterStore, AdapterTooLarge, DeviceCache
+
+__all__ = ["Server", "LINEARS"]
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")   # the linear layers of a decoder layer an adapter may target
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    adapter: str | None
+    max_new: int
+    out: list[int] = field(default_factory=list)
+    cached: int = 0                          # tokens whose keys and values are in the pool
+    pages: list = field(default_factory=list)   # per layer: page ids, (cached · pages_per_token,)
+    admitted: float = 0.0
+    first_token: float | None = None
+
+    @property
+    def owner(self) -> str:
+        return f"request {self.index}"
+
+    def new_tokens(self) -> list[int]:
+        return self.prompt if self.cached == 0 else self.out[-1:]
+
+
+def _check_llama(model: nn.Module) -> None:
+    inner = getattr(model, "model", None)
+    parts = [getattr(inner, n, None) for n in ("embed_tokens", "layers", "norm", "rotary_emb")]
+    ok = None not in parts and isinstance(getattr(model, "lm_head", None), nn.Linear) and len(inner.layers) > 0
+    if ok:
+        layer = inner.layers[0]
+        ok = all(type(layer.get_submodule(p)) is nn.Linear for p in LINEARS) and hasattr(layer, "input_layernorm")
+    if not ok:
+        raise ValueError(f"model ({type(model).__name__}) must be a transformers Llama-family causal LM with plain "
+                         f"nn.Linear layers ({', '.join(LINEARS)}): no LoRA or quantized layers on it -- the "
+                         f"adapters come through add_adapter")
+
+
+class Server:
+    """Many adapters, one base model: ``add_adapter(name, peft_folder)``, then ``generate``."""
+
+    def __init__(self, model: nn.Module, max_batch: int = 8, pool_pages: int = 2 ** 16,
+                 adapter_budget_bytes: int = 256 * 2 ** 20, max_lora_rank: int = 64, method: str = "auto"):
+        check_module("model", model)
+        _check_llama(model)
+        self.model = model.eval()
+        self.max_batch = check_int("max_batch", max_batch, low=1)
+        self.method = check_choice("method", method, METHODS)
+        self.max_lora_rank = check_int("max_lora_rank", max_lora_rank, low=1)
+        cfg = model.config
+        self.layers = model.model.layers
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_dim = self.kv_heads * self.head_dim
+        self.hidden = cfg.hidden_size
+        self.pages_per_token = math.ceil(2 * self.kv_dim / self.hidden)   # [k | v] of one token in one layer
+        self.context = cfg.max_position_embeddings
+        weight = model.lm_head.weight
+        self.pool = PagedPool(check_int("pool_pages", pool_pages, low=1), self.hidden, weight.dtype, weight.device)
+        self.store = AdapterStore(model)
+        self.cache = DeviceCache(self.store, adapter_budget_bytes, weight.device)
+        self._stacks: dict[str, object] = {}
+        self._stacks_version = -1
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos = set([eos] if isinstance(eos, int) else eos or [])
+        self.stats: dict[str, float] = {}
+
+    # -- adapters ------------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path) -> None:
+        """A PEFT LoRA folder as adapter ``name`` (checked against the base, kept in host memory); refused, and
+        not added, if it targets a layer the server does not adapt, has a rank above ``max_lora_rank`` or is larger
+        than the device budget."""
+        adapter = self.store.add(name, path)
+        outside = [p for p in adapter.layers if not p.startswith("model.layers.") or p.split(".", 3)[3] not in LINEARS]
+        too_high = {p: r for p, r in adapter.ranks.items() if r > self.max_lora_rank}
+        problem = (f"targets layers the server does not adapt ({', '.join(outside)}); it serves LoRA on "
+                   f"{', '.join(LINEARS)}" if outside else
+                   f"has rank {max(too_high.values())} (on {next(iter(too_high))}), above max_lora_rank="
+                   f"{self.max_lora_rank}" if too_high else
+                   f"takes {adapter.nbytes:,} bytes, more than the device budget of {self.cache.budget:,}"
+                   if adapter.nbytes > self.cache.budget else None)
+        if problem:
+            self.store.remove(name)
+            raise (AdapterTooLarge if "budget" in problem else ValueError)(f"adapter {name!r} {problem}")
+
+    def _refresh_stacks(self) -> None:
+        if self._stacks_version == self.cache.version:
+            return
+        for i, layer in enumerate(self.layers):
+            for p in LINEARS:
+                path, lin = f"model.layers.{i}.{p}", layer.get_submodule(p)
+                adapters = self.cache.layer_adapters(path)
+                self._stacks[path] = (stack_adapters(adapters, lin.in_features, lin.out_features,
+                                                     device=lin.weight.device)
+                                      if any(a is not None for a in adapters) else None)
+        self._stacks_version = self.cache.version
+
+    def _linear(self, i: int, name: str, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        y = self.layers[i].get_submodule(name)(x)                           # (N, out): one GEMM for every row
+        stack = self._stacks[f"model.layers.{i}.{name}"]
+        if stack is not None and bool((idx >= 0).any()):
+            y = y + lora_delta(x.float(), idx, stack, self.method).to(y.dtype)
+        return y
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def _check_requests(self, input_ids, adapter_names, max_new_tokens) -> list[_Request]:
+        check_int("max_new_tokens", max_new_tokens, low=1)
+        if not isinstance(input_ids, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in input_ids):
+            raise ValueError("input_ids must be a list of prompts, each a list of token ids")
+        if not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != len(input_ids):
+            raise ValueError(f"adapter_names must be a list with one name (or None) per prompt: {len(input_ids)} "
+                             f"prompts, got {adapter_names!r}")
+        vocab = self.model.config.vocab_size
+        requests = []
+        for i, (prompt, name) in enumerate(zip(input_ids, adapter_names)):
+            if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                     for t in prompt):
+                raise ValueError(f"input_ids[{i}] must be a non-empty list of token ids in [0, {vocab})")
+            if len(prompt) + max_new_tokens > self.context:
+                raise ValueError(f"input_ids[{i}]: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} "
+                                 f"exceed the model's context of {self.context} tokens")
+            if name is not None:
+                if name not in self.store:
+                    known = ", ".join(map(repr, sorted(self.store.adapters))) or "none"
+                    raise ValueError(f"adapter_names[{i}]: unknown adapter {name!r} (added: {known}); never "
+                                     f"the base model silently -- pass None for the base")
+            need = self._pages_needed(len(prompt), max_new_tokens)
+            if need > self.pool.n_pages:
+                raise ValueError(f"input_ids[{i}] needs {need:,} pool pages for its keys and values, more than the "
+                                 f"pool's {self.pool.n_pages:,}: raise pool_pages or shorten the request")
+            requests.append(_Request(i, list(prompt), name, max_new_tokens))
+        return requests
+
+    def _pages_needed(self, prompt_len: int, max_new: int) -> int:
+        return (prompt_len + max_new) * len(self.layers) * self.pages_per_token
+
+    def generate(self, input_ids: list[list[int]], adapter_names: list[str | None], max_new_tokens: int
+                 ) -> list[list[int]]:
+        """Greedy: the new tokens of every request (in order), each as if it ran alone with its own adapter."""
+        waiting = self._check_requests(input_ids, adapter_names, max_new_tokens)
+        self.stats = {"time_to_first_token": []}
+        running: list[_Request] = []
+        done: dict[int, list[int]] = {}
+        start, steps, tokens = time.perf_counter(), 0, 0
+        while waiting or running:
+            while waiting and len(running) < self.max_batch and self._fits(running, waiting[0]):
+                waiting[0].admitted = time.perf_counter()
+                running.append(waiting.pop(0))
+            for r, token in zip(running, self._step(running)):
+                r.out.append(token)
+                if r.first_token is None:
+                    r.first_token = time.perf_counter() - r.admitted
+            tokens, steps = tokens + len(running), steps + 1
+            for r in [r for r in running if len(r.out) == r.max_new or r.out[-1] in self.eos]:
+                self.pool.release(r.owner)
+                running.remove(r)
+                done[r.index] = r.out
+                self.stats["time_to_first_token"].append(r.first_token)
+        seconds = time.perf_counter() - start
+        self.stats.update(seconds=seconds, steps=steps, tokens=tokens, tokens_per_s=tokens / seconds)
+        return [done[i] for i in range(len(input_ids))]
+
+    def _fits(self, running: list[_Request], request: _Request) -> bool:
+        reserved = sum(self._pages_needed(len(r.prompt), r.max_new) - r.cached * len(self.layers) *
+                       self.pages_per_token for r in running)
+        names = {r.adapter for r in running + [request] if r.adapter is not None}
+        return (self.pool.free_pages - reserved >= self._pages_needed(len(request.prompt), request.max_new)
+                and sum(self.store[n].nbytes for n in names) <= self.cache.budget)
+
+    @torch.no_grad()
+    def _step(self, batch: list[_Request]) -> list[int]:
+        """One forward over every running request's new tokens -> each request's next token (greedy)."""
+        slots = self.cache.fetch([r.adapter for r in batch])
+        self._refresh_stacks()
+        new = [r.new_tokens() for r in batch]
+        device = self.model.lm_head.weight.device
+        ids = torch.tensor([t for n in new for t in n], device=device)                            # (N,)
+        positions = torch.tensor([r.cached + j for r, n in zip(batch, new) for j in range(len(n))], device=device)
+        idx = torch.tensor([slots[r.adapter] if r.adapter is not None else -1 for r, n in zip(batch, new) for _ in n],
+                           dtype=torch.int64, device=device)
+        ends = torch.tensor([len(n) for n in new]).cumsum(0) - 1
+        for r, n in zip(batch, new):                      # the pages for the new tokens' keys and values
+            grown = [self.pool.allocate(r.owner, len(n) * self.pages_per_token) for _ in self.layers]
+            r.pages = grown if not r.pages else [torch.cat([old, g]) for old, g in zip(r.pages, grown)]
+        inner = self.model.model
+        x = inner.embed_tokens(ids)                                                               # (N, H)
+        cos, sin = inner.rotary_emb(x[None], positions[None])                                     # (1, N, d)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = (self._linear(i, f"self_attn.{p}_proj", h, idx) for p in "qkv")
+            q, k = _rope(q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), cos, sin)
+            attn = self._attention(i, layer.self_attn.scaling, batch, new, q, k, v.view(-1, self.kv_dim))
+            x = x + self._linear(i, "self_attn.o_proj", attn, idx)
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, idx)) * self._linear(i, "mlp.up_proj", h, idx)
+            x = x + self._linear(i, "mlp.down_proj", mlp, idx)
+        last = inner.norm(x[ends.to(device)])                                                     # (requests, H)
+        for r, n in zip(batch, new):
+            r.cached += len(n)
+        return self.model.lm_head(last).argmax(-1).tolist()
+
+    def _attention(self, i, scaling, batch, new, q, k, v) -> torch.Tensor:
+        """Write the new keys and values into their pages, then each request attends over all of its own."""
+        out, row = [], 0
+        width = self.pages_per_token * self.hidden
+        for r, n in zip(batch, new):
+            rows = slice(row, row + len(n))
+            row += len(n)
+            pages = r.pages[i].view(-1, self.pages_per_token)                                   # (T, pages/token)
+            kv = torch.cat([k[rows].reshape(len(n), -1), v[rows]], dim=1)                       # (n, 2 kv_dim)
+            flat = F.pad(kv, (0, width - kv.shape[1])).view(-1, self.hidden)
+            self.pool.storage[pages[r.cached:].reshape(-1)] = flat.to(self.pool.storage.dtype)
+            cached = self.pool.storage[pages.reshape(-1)].view(len(pages), width)[:, :2 * self.kv_dim]
+            keys, values = (cached[:, s].view(-1, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+                            for s in (slice(0, self.kv_dim), slice(self.kv_dim, 2 * self.kv_dim)))
+            out.append(F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, scale=scaling,
+                                                      is_causal=len(n) > 1, enable_gqa=True)[0].transpose(0, 1))
+        return torch.cat(out).reshape(row, -1)                                                  # (N, heads · d)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on (N, heads, d) rows at their own positions (cos, sin (1, N, d)), as transformers' Llama rotates."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    return q[0].transpose(0, 1), k[0].transpose(0, 1)
