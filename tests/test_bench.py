@@ -104,3 +104,13 @@ def test_s2attn_bench_quick_compares_with_full_and_eager_attention():
     assert eager_bytes["ratio"] < 1  # the n x n scores the math backend keeps are more than S²-Attn's pieces
     assert kernel_bytes["lorabook"] < grouped_bytes["lorabook"]   # views and the kernel's backward: no copies kept
     assert all(4 < r["flop_ratio"] < 4.5 for r in rows if "flop_ratio" in r)
+
+
+def test_serving_bench_quick_gives_the_same_tokens_three_ways():
+    from lorabook.bench.serving import bench_serving
+    rows = bench_serving(quick=True)  # 8 requests over 8 tiny adapters: a smoke test, not a timing
+    loop, mixed, padded_bytes, padded_seconds = rows
+    assert (loop["peer"], mixed["peer"]) == ("per-request loop", "peft mixed batch")
+    assert loop["outputs_equal"] and mixed["outputs_equal"]       # every request's tokens the same in all three
+    assert loop["metric"] == mixed["metric"] == "tokens_per_s"
+    assert padded_bytes["ratio"] < 1                              # ranks 2-16 padded to 16 take more bytes

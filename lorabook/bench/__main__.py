@@ -16,8 +16,8 @@ from . import BENCHMARKS, __doc__ as bench_doc, device_name, format_table
 
 def load_all() -> dict[str, Callable[..., list[dict]]]:
     """Import every benchmark module (each registers its benchmarks in ``lorabook.bench.BENCHMARKS``)."""
-    from . import lora, memory, nf4, paged, qalora, qlora, s2attn  # noqa: F401  (lora-latency, lora-step; memory; nf4;
-    #                                                                          paged; qalora; qlora-step; s2attn)
+    from . import lora, memory, nf4, paged, qalora, qlora, s2attn, serving  # noqa: F401  (lora-latency, lora-step;
+    #                                                       memory; nf4; paged; qalora; qlora-step; s2attn; serving)
     return BENCHMARKS
 
 

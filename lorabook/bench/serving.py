@@ -1,0 +1,124 @@
+"""``python -m lorabook.bench serving``: many requests over many adapters, three ways, tokens per second.
+
+The model: a random Llama of SmolLM2-135M's shape (``--quick``: the tiny test Llama). 32 adapters (``--quick``: 8)
+with ranks 4, 8, 16, 32, 64 in turn (``--quick``: 2 to 16) on W_q, W_k, W_v, W_o, B away from zero (as after training), saved in PEFT's
+format. 32 requests of 16 prompt tokens (seeded), each with its own adapter, 16 new tokens, greedy:
+
+    lorabook          ``lorabook.serving.Server``: every running request in one batch, one GEMM per linear layer
+                      for all rows, the LoRA parts batched (``lora_delta``: gather when decoding, segments for the
+                      prompts), keys and values in the paged pool
+    per-request loop  peft: one ``PeftModel`` holding every adapter; per request ``set_adapter`` + ``generate``
+    peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
+                      padding), each linear layer looping over the adapters present
+
+Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run), lorabook vs each peer, with
+``outputs_equal`` (every request's tokens the same in both); and what zero-padding every adapter to the largest rank
+(vLLM's layout) would cost here: the bytes of the padded stack against the unpadded one (``metric`` bytes), and the
+seconds of the padded gather against lorabook's on one decode step's rows of W_q.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import register, row
+from .harness import bench_device, smollm2_shaped, threads
+from ..lora import add_lora, delete_adapter, lora_layers, save_adapter
+from ..serving import Server, lora_delta_gather, lora_delta_padded, pad_stack, stack_adapters
+from ..timing import benchmark
+
+RANKS, QUICK_RANKS = (4, 8, 16, 32, 64), (2, 4, 8, 16)   # the tiny Llama's k/v are 32 wide
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROMPT, NEW = 16, 16
+
+
+def make_adapters(base, n: int, root: Path, ranks=RANKS) -> dict[str, Path]:
+    """n PEFT folders for ``base`` (ranks cycling through ``ranks``, B seeded away from zero); the model unchanged."""
+    g = torch.Generator().manual_seed(0)
+    folders = {}
+    for i in range(n):
+        name = f"adapter{i:02d}"
+        add_lora(base, target_modules=TARGETS, r=ranks[i % len(ranks)], alpha=2 * ranks[i % len(ranks)],
+                 adapter_name=name)
+        with torch.no_grad():
+            for layer in lora_layers(base).values():
+                B = layer.lora_B[name]
+                B.copy_(torch.randn(B.shape, generator=g) * 0.02)
+        folders[name] = save_adapter(base, root / name, adapter_name=name)
+        delete_adapter(base, name)
+    return folders
+
+
+@register("serving")
+def bench_serving(quick: bool = False) -> list[dict]:
+    with threads(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        return _bench(quick, Path(tmp))
+
+
+def _bench(quick: bool, tmp: Path) -> list[dict]:
+    import peft
+
+    dev = bench_device()
+    n = 8 if quick else 32
+    base = smollm2_shaped(quick=quick).eval()
+    ranks = QUICK_RANKS if quick else RANKS
+    folders = make_adapters(base, n, tmp, ranks)
+    base = base.to(dev)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, vocab, (n, PROMPT), generator=g).tolist()
+    names = list(folders)
+
+    server = Server(base, max_batch=n, pool_pages=n * (PROMPT + NEW) * len(base.model.layers) * 2 + 1024)
+    for name, path in folders.items():
+        server.add_adapter(name, path)
+    start = time.perf_counter()
+    ours = server.generate(prompts, names, NEW)
+    t_ours = time.perf_counter() - start
+
+    model = peft.PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folders[name], adapter_name=name)
+    model.eval()
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    start = time.perf_counter()
+    loop = []
+    for prompt, name in zip(prompts, names):
+        model.set_adapter(name)
+        ids = torch.tensor([prompt], device=dev)
+        loop.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0, PROMPT:].tolist())
+    t_loop = time.perf_counter() - start
+    ids = torch.tensor(prompts, device=dev)
+    start = time.perf_counter()
+    mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+    t_mixed = time.perf_counter() - start
+    mixed = mixed[:, PROMPT:].tolist()
+    model.unload()
+
+    tokens = sum(map(len, ours))
+    case = f"{n} requests over {n} adapters (ranks {ranks[0]}-{ranks[-1]}), {PROMPT} + {NEW} tokens each"
+    rows = [row(case, "tokens_per_s", tokens / t_ours, "per-request loop", sum(map(len, loop)) / t_loop,
+                seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop),
+            row(case, "tokens_per_s", tokens / t_ours, "peft mixed batch", sum(map(len, mixed)) / t_mixed,
+                seconds=t_ours, peer_seconds=t_mixed, outputs_equal=ours == mixed)]
+
+    # what padding to the largest rank costs: W_q of layer 0, every adapter, one decode step (a row per request)
+    path = "model.layers.0.self_attn.q_proj"
+    q = base.model.layers[0].self_attn.q_proj
+    stack = stack_adapters([server.store[name].layers[path] for name in names], q.in_features, q.out_features,
+                           device=dev)
+    padded = pad_stack(stack)
+    x = torch.randn(n, q.in_features, generator=g).to(dev)
+    idx = torch.arange(n, device=dev)
+    t_gather = benchmark(lambda: lora_delta_gather(x, idx, stack), warmup=2, repeat=20).median
+    t_padded = benchmark(lambda: lora_delta_padded(x, idx, stack, padded), warmup=2, repeat=20).median
+    unpadded_bytes = (stack.A.numel() + stack.Bt.numel()) * stack.A.element_size()
+    padded_bytes = sum(t.numel() * t.element_size() for t in padded)
+    rows += [row(f"{n} adapters' W_q (layer 0), unpadded vs padded to rank {ranks[-1]}", "bytes", unpadded_bytes,
+                 "padded to the largest rank (vLLM)", padded_bytes),
+             row(f"one decode step's LoRA on W_q, {n} rows: gather vs padded gather", "seconds", t_gather,
+                 "padded to the largest rank (vLLM)", t_padded)]
+    return rows
