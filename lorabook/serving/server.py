@@ -6,11 +6,13 @@ that has just been admitted (prefill), one token for the others (decode). Every 
 
     y = x W0ᵀ  (one GEMM, all rows)  +  lora_delta(x, idx, stack)    each row its own adapter (``batched``)
 
-Attention is per request, over its own keys and values, kept in the paged pool (``pool``): for every token and
-layer, [k | v] in ⌈2 · kv_dim / H⌉ pages of H values. A request is admitted (first come, first served) when the pool
-can hold its prompt and all of its new tokens and the device cache its adapter next to those of the running
-requests; otherwise it waits until running ones finish. Each request finishes on its own, after max_new_tokens or
-at the end-of-sequence token, as transformers' greedy ``generate`` does for that request alone.
+Keys and values live in the paged pool (``pool``): for every token and layer, [k | v] in ⌈2 · kv_dim / H⌉ pages
+of H values, wherever free pages are. A prompt attends causally to itself; the decoding rows attend together, each
+to its own cached tokens (their pages gathered into one padded batch, the padding masked). A request is admitted
+(first come, first served) when the pool can hold its prompt and all of its new tokens and the device cache its
+adapter next to those of the running requests; otherwise it waits until running ones finish. Each request
+finishes on its own, after max_new_tokens or at the end-of-sequence token, as transformers' greedy ``generate``
+does for that request alone.
 
 The model: a transformers Llama-family causal LM (SmolLM2, ``lorabook.models.tiny_llama``), plain linear layers.
 """
@@ -43,7 +45,7 @@ class _Request:
     max_new: int
     out: list[int] = field(default_factory=list)
     cached: int = 0                          # tokens whose keys and values are in the pool
-    pages: list = field(default_factory=list)   # per layer: page ids, (cached · pages_per_token,)
+    pages: torch.Tensor | None = None        # (cached, layers · pages_per_token) page ids, token by token
     admitted: float = 0.0
     first_token: float | None = None
 
@@ -213,9 +215,11 @@ class Server:
         idx = torch.tensor([slots[r.adapter] if r.adapter is not None else -1 for r, n in zip(batch, new) for _ in n],
                            dtype=torch.int64, device=device)
         ends = torch.tensor([len(n) for n in new]).cumsum(0) - 1
-        for r, n in zip(batch, new):                      # the pages for the new tokens' keys and values
-            grown = [self.pool.allocate(r.owner, len(n) * self.pages_per_token) for _ in self.layers]
-            r.pages = grown if not r.pages else [torch.cat([old, g]) for old, g in zip(r.pages, grown)]
+        per_token = len(self.layers) * self.pages_per_token
+        grown = [self.pool.allocate(r.owner, len(n) * per_token).view(len(n), per_token) for r, n in zip(batch, new)]
+        for r, g in zip(batch, grown):                    # the pages for the new tokens' keys and values
+            r.pages = g if r.pages is None else torch.cat([r.pages, g])
+        plan = _AttentionPlan(batch, new, torch.cat(grown), device)
         inner = self.model.model
         x = inner.embed_tokens(ids)                                                               # (N, H)
         cos, sin = inner.rotary_emb(x[None], positions[None])                                     # (1, N, d)
@@ -223,7 +227,7 @@ class Server:
             h = layer.input_layernorm(x)
             q, k, v = (self._linear(i, f"self_attn.{p}_proj", h, idx) for p in "qkv")
             q, k = _rope(q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), cos, sin)
-            attn = self._attention(i, layer.self_attn.scaling, batch, new, q, k, v.view(-1, self.kv_dim))
+            attn = self._attention(i, layer.self_attn.scaling, plan, q, k.reshape(-1, self.kv_dim), v)
             x = x + self._linear(i, "self_attn.o_proj", attn, idx)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, idx)) * self._linear(i, "mlp.up_proj", h, idx)
@@ -233,23 +237,54 @@ class Server:
             r.cached += len(n)
         return self.model.lm_head(last).argmax(-1).tolist()
 
-    def _attention(self, i, scaling, batch, new, q, k, v) -> torch.Tensor:
-        """Write the new keys and values into their pages, then each request attends over all of its own."""
-        out, row = [], 0
-        width = self.pages_per_token * self.hidden
+    def _pages_of_layer(self, pages: torch.Tensor, i: int) -> torch.Tensor:
+        """(..., layers · pages_per_token) page ids -> layer i's, flattened in token order."""
+        p = self.pages_per_token
+        return pages[..., i * p:(i + 1) * p].reshape(-1)
+
+    def _attention(self, i, scaling, plan, q, k, v) -> torch.Tensor:
+        """Write the new keys and values (N, kv_dim each) into their pages; then the prompts attend causally to
+        themselves, one request at a time, and the decoding rows all together, each to its own cached tokens
+        (their pages gathered into one padded batch, the padding masked)."""
+        width, kv = self.pages_per_token * self.hidden, self.kv_dim
+        rows = F.pad(torch.cat([k, v], dim=1), (0, width - 2 * kv)).view(-1, self.hidden)     # (N · p, H)
+        self.pool.storage[self._pages_of_layer(plan.new_pages, i)] = rows.to(self.pool.storage.dtype)
+        out = q.new_empty(q.shape)                                                              # (N, heads, d)
+        split = lambda t, heads: t.view(-1, heads, self.head_dim).transpose(0, 1)[None]        # (1, heads, n, d)
+        for rows_of in plan.prefill:                       # a whole prompt: causal attention over itself
+            out[rows_of] = F.scaled_dot_product_attention(
+                split(q[rows_of], self.heads), split(k[rows_of], self.kv_heads), split(v[rows_of], self.kv_heads),
+                scale=scaling, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        if plan.decode_rows is not None:                   # one new token each, over all its cached ones
+            b, t = plan.decode_pages.shape[:2]
+            cached = self.pool.storage[self._pages_of_layer(plan.decode_pages, i)].view(b, t, width)
+            keys, values = (cached[..., s].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                            for s in (slice(0, kv), slice(kv, 2 * kv)))                         # (b, kv_heads, t, d)
+            qd = q[plan.decode_rows][:, :, None]                                                # (b, heads, 1, d)
+            out[plan.decode_rows] = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=plan.decode_mask, scale=scaling, enable_gqa=True)[:, :, 0]
+        return out.reshape(q.shape[0], -1)                                                      # (N, heads · d)
+
+
+class _AttentionPlan:
+    """Which rows of a step are prompts and which decode, and the decoding requests' pages, padded."""
+
+    def __init__(self, batch: list[_Request], new: list[list[int]], new_pages: torch.Tensor, device):
+        self.new_pages = new_pages                                      # (N, layers · pages_per_token)
+        self.prefill, decode, tables, row = [], [], [], 0
         for r, n in zip(batch, new):
-            rows = slice(row, row + len(n))
+            if r.cached == 0:
+                self.prefill.append(slice(row, row + len(n)))
+            else:
+                decode.append(row)
+                tables.append(r.pages)                                  # (cached + 1, layers · pages_per_token)
             row += len(n)
-            pages = r.pages[i].view(-1, self.pages_per_token)                                   # (T, pages/token)
-            kv = torch.cat([k[rows].reshape(len(n), -1), v[rows]], dim=1)                       # (n, 2 kv_dim)
-            flat = F.pad(kv, (0, width - kv.shape[1])).view(-1, self.hidden)
-            self.pool.storage[pages[r.cached:].reshape(-1)] = flat.to(self.pool.storage.dtype)
-            cached = self.pool.storage[pages.reshape(-1)].view(len(pages), width)[:, :2 * self.kv_dim]
-            keys, values = (cached[:, s].view(-1, self.kv_heads, self.head_dim).transpose(0, 1)[None]
-                            for s in (slice(0, self.kv_dim), slice(self.kv_dim, 2 * self.kv_dim)))
-            out.append(F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], keys, values, scale=scaling,
-                                                      is_causal=len(n) > 1, enable_gqa=True)[0].transpose(0, 1))
-        return torch.cat(out).reshape(row, -1)                                                  # (N, heads · d)
+        self.decode_rows = torch.tensor(decode, device=device) if decode else None
+        if decode:
+            lengths = torch.tensor([len(t) for t in tables], device=device)
+            self.decode_pages = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)   # pad: page 0, masked
+            self.decode_mask = (torch.arange(self.decode_pages.shape[1], device=device)[None] < lengths[:, None]
+                                )[:, None, None]                        # (b, 1, 1, t): True where a token is
 
 
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
