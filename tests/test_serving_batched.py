@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lorabook.lora import LoRALinear
-from lorabook.serving import (METHODS, choose_method, lora_delta, lora_delta_gather, lora_delta_loop, lora_delta_padded,
-                              lora_delta_segments, pad_stack, stack_adapters)
+from lorabook.serving import (DENSE_WORK, METHODS, choose_method, lora_delta, lora_delta_dense, lora_delta_gather,
+                              lora_delta_loop, lora_delta_padded, lora_delta_segments, pad_stack, stack_adapters)
 
 IN, OUT = 12, 10
 
@@ -31,7 +31,7 @@ def test_every_method_equals_each_row_with_its_own_adapter(ranks, slots, seed):
         if a >= 0 and adapters[a] is not None:
             A, B, s = adapters[a]
             expected[i] = s * (B @ (A @ x[i]))
-    for fn in (lora_delta_loop, lora_delta_segments, lora_delta_gather, lora_delta_padded):
+    for fn in (lora_delta_loop, lora_delta_segments, lora_delta_gather, lora_delta_dense, lora_delta_padded):
         torch.testing.assert_close(fn(x, idx, stack), expected, rtol=1e-12, atol=1e-12)
     for method in METHODS:
         torch.testing.assert_close(lora_delta(x, idx, stack, method), expected, rtol=1e-12, atol=1e-12)
@@ -63,10 +63,14 @@ def test_padding_to_the_largest_rank_costs_the_bytes_of_the_largest():
     assert A.numel() / stack.A.numel() == pytest.approx(3 * 64 / 76)
 
 
-def test_auto_picks_segments_for_many_rows_per_adapter_and_gather_for_one():
-    assert choose_method(torch.tensor([0, 1, 2, -1])) == "gather"                   # decode: a row per request
-    assert choose_method(torch.tensor([0] * 16 + [1] * 16)) == "segments"            # prefill: 16 rows each
-    assert choose_method(torch.tensor([-1, -1])) == "gather"                         # no adapter at all
+def test_auto_picks_dense_for_a_few_rows_segments_for_prompts_and_gather_for_many_adapters():
+    stack = stack_adapters(random_adapters([16] * 64), IN, OUT)            # Σr = 1024
+    assert choose_method(torch.arange(32), stack) == "dense"                 # decode: 32 × 1024 ≤ DENSE_WORK
+    many = torch.arange(64).repeat_interleave(16)                            # prompts: 16 rows per adapter
+    assert len(many) * 1024 > DENSE_WORK and choose_method(many, stack) == "segments"
+    assert choose_method(torch.arange(64).repeat(2), stack) == "gather"     # 2 rows per adapter, 128 × 1024 wide
+    wide = stack_adapters(random_adapters([16] * 512), IN, OUT)              # Σr = 8192: 512 adapters
+    assert choose_method(torch.arange(512), wide) == "gather"                # one row each, too wide for dense
 
 
 def test_bad_input_names_the_argument():

@@ -45,7 +45,8 @@ def prompts(n, seed=0):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("method, max_batch", [("auto", 8), ("gather", 3), ("segments", 8), ("padded", 2)])
+@pytest.mark.parametrize("method, max_batch",
+                         [("auto", 8), ("gather", 3), ("segments", 8), ("dense", 4), ("padded", 2)])
 def test_every_request_equals_peft_alone_with_its_adapter(folders, method, max_batch):
     server = Server(tiny_llama(0), max_batch=max_batch, method=method, max_lora_rank=16)
     for name, path in folders.items():

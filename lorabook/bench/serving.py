@@ -1,11 +1,12 @@
 """``python -m lorabook.bench serving``: many requests over many adapters, three ways, tokens per second.
 
 The model: a random Llama of SmolLM2-135M's shape (``--quick``: the tiny test Llama). 32 adapters (``--quick``: 8)
-with ranks 4, 8, 16, 32, 64 in turn (``--quick``: 2 to 16) on W_q, W_k, W_v, W_o, B away from zero (as after training), saved in PEFT's
-format. 32 requests of 16 prompt tokens (seeded), each with its own adapter, 16 new tokens, greedy:
+with ranks 4, 8, 16, 32, 64 in turn (``--quick``: 2 to 16) on W_q, W_k, W_v, W_o, B away from zero (as after
+training), saved in PEFT's format. 32 requests of 16 prompt tokens (seeded), each with its own adapter, 16 new
+tokens, greedy:
 
     lorabook          ``lorabook.serving.Server``: every running request in one batch, one GEMM per linear layer
-                      for all rows, the LoRA parts batched (``lora_delta``: gather when decoding, segments for the
+                      for all rows, the LoRA parts batched (``lora_delta``: dense when decoding, segments for the
                       prompts), keys and values in the paged pool
     per-request loop  peft: one ``PeftModel`` holding every adapter; per request ``set_adapter`` + ``generate``
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
@@ -72,7 +73,8 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     prompts = torch.randint(3, vocab, (n, PROMPT), generator=g).tolist()
     names = list(folders)
 
-    server = Server(base, max_batch=n, pool_pages=n * (PROMPT + NEW) * len(base.model.layers) * 2 + 1024)
+    server = Server(base, max_batch=n, pool_pages=n * (PROMPT + NEW) * len(base.model.layers) * 2 + 1024,
+                    adapter_budget_bytes=2 ** 31)                    # room for all of them: one batch, no waiting
     for name, path in folders.items():
         server.add_adapter(name, path)
     start = time.perf_counter()

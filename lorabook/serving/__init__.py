@@ -2,7 +2,8 @@
 https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https://arxiv.org/abs/2310.18547).
 
     batched.py   the LoRA part of a batch whose rows use different adapters of different ranks: a per-row loop
-                 (the formula), segments per adapter (SGMV), a gather without padding (BGMV), vLLM's padded gather
+                 (the formula), segments per adapter (SGMV), a gather without padding (BGMV), masked dense GEMMs,
+                 vLLM's padded gather
     store.py     AdapterStore (PEFT folders in host memory, checked against the base) and DeviceCache (the
                  adapters in use on the device under a byte budget, least recently used evicted first, slots)
     pool.py      the unified paged pool (adapter weights and KV cache in pages of H values) and the contiguous
@@ -10,13 +11,15 @@ https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https:
     server.py    Server(model).add_adapter(name, peft_folder) / .generate(input_ids, adapter_names, max_new_tokens):
                  continuous batching, the keys and values in the pool, greedy -- each request as peft alone
 """
-from .batched import (METHODS, SEGMENT_ROWS, LoRAStack, choose_method, lora_delta, lora_delta_gather, lora_delta_loop,
-                      lora_delta_padded, lora_delta_segments, pad_stack, stack_adapters)
+from .batched import (DENSE_WORK, METHODS, SEGMENT_ROWS, LoRAStack, choose_method, lora_delta, lora_delta_dense,
+                      lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_segments, pad_stack,
+                      stack_adapters)
 from .pool import ContiguousAllocator, PagedPool, PoolExhausted
 from .server import LINEARS, Server
 from .store import AdapterStore, AdapterTooLarge, DeviceCache, HostAdapter
 
-__all__ = ["METHODS", "SEGMENT_ROWS", "LoRAStack", "choose_method", "lora_delta", "lora_delta_gather",
+__all__ = ["DENSE_WORK", "METHODS", "SEGMENT_ROWS", "LoRAStack", "choose_method", "lora_delta", "lora_delta_dense",
+           "lora_delta_gather",
            "lora_delta_loop", "lora_delta_padded", "lora_delta_segments", "pad_stack", "stack_adapters",
            "ContiguousAllocator", "PagedPool", "PoolExhausted", "AdapterStore", "AdapterTooLarge", "DeviceCache",
            "HostAdapter", "Server", "LINEARS"]

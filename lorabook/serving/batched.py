@@ -4,7 +4,7 @@ One base weight W0 serves every request; request i brings its own adapter a = id
 
     y[i] = W0 x[i] + s_a · B_a A_a x[i]             A_a (r_a, in), B_a (out, r_a); idx[i] = -1: W0 x[i] alone
 
-The base part is one GEMM for the whole batch. The LoRA part differs per row, and this module computes it four ways,
+The base part is one GEMM for the whole batch. The LoRA part differs per row, and this module computes it five ways,
 proven equal in the tests:
 
     lora_delta_loop      row by row: the formula, for reading and for the tests
@@ -12,11 +12,13 @@ proven equal in the tests:
                          over the adapters in the batch, like peft's ``adapter_names`` mixed batch
     lora_delta_gather    BGMV (punica) without padding: each row's own rank rows of A and B gathered from one
                          stacked table, dotted with the row and summed back -- no loop, no padding to the largest rank
+    lora_delta_dense     every row against every stacked rank, the other adapters' columns masked to zero: two GEMMs,
+                         no loop, no padding, N × Σr work -- the fastest on a CPU for a few dozen rows (decode)
     lora_delta_padded    vLLM's layout: every adapter zero-padded to the largest rank, gathered per row, two bmm;
                          here only to measure what the padding costs
 
-``lora_delta`` dispatches (``choose_method``): segments when the batch has many rows per adapter (prefill), gather
-otherwise (decode).
+``lora_delta`` dispatches (``choose_method``): dense while rows × Σr is small (decode), segments when the batch has
+many rows per adapter (prefill), gather otherwise (many distinct adapters, a row or two each).
 
 The adapters of one linear layer live in a ``LoRAStack``: A's rows and Bᵀ's rows of every adapter, one after another
 (``A`` (R, in), ``Bt`` (R, out), R = Σ r_a), with each adapter's ``offsets`` and ``ranks`` and its ``scalings``.
@@ -31,10 +33,12 @@ import torch
 from .._checks import bad_choice, check_int
 
 __all__ = ["LoRAStack", "stack_adapters", "lora_delta", "choose_method", "lora_delta_loop", "lora_delta_segments",
-           "lora_delta_gather", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS"]
+           "lora_delta_gather", "lora_delta_dense", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS",
+           "DENSE_WORK"]
 
-METHODS = ("auto", "gather", "segments", "padded", "loop")
-SEGMENT_ROWS = 8   # "auto": segments when the batch has at least this many rows per adapter present, else gather
+METHODS = ("auto", "dense", "gather", "segments", "padded", "loop")
+DENSE_WORK = 64 * 1024   # "auto": dense while rows × Σr is at most this (32 rows over ranks 4-64 of 32 adapters: 25k)
+SEGMENT_ROWS = 8         # "auto": else segments with at least this many rows per adapter present, else gather
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class LoRAStack:
     offsets: torch.Tensor    # (n,) int64
     ranks: torch.Tensor      # (n,) int64, 0 where an adapter does not target this layer
     scalings: torch.Tensor   # (n,) the adapters' α / r (or α / √r), in A's dtype
+    column_scales: torch.Tensor  # (n + 1, R): row a holds s_a on adapter a's rows of the stack, 0 elsewhere;
+    #                              the last row is all zero, so index -1 (no adapter) picks it
 
     @property
     def n_adapters(self) -> int:
@@ -75,8 +81,11 @@ def stack_adapters(adapters: list, in_features: int, out_features: int, dtype=to
     offsets = torch.cumsum(ranks_t, 0) - ranks_t
     A = torch.cat(As) if As else torch.zeros(0, in_features, dtype=dtype)
     Bt = torch.cat(Bts) if Bts else torch.zeros(0, out_features, dtype=dtype)
+    scales = torch.zeros(len(adapters) + 1, A.shape[0], dtype=dtype)
+    for a, (lo, r, s) in enumerate(zip(offsets.tolist(), ranks, scalings)):
+        scales[a, lo:lo + r] = s
     return LoRAStack(A.to(device), Bt.to(device), offsets.to(device), ranks_t.to(device),
-                     torch.tensor(scalings, dtype=dtype, device=device))
+                     torch.tensor(scalings, dtype=dtype, device=device), scales.to(device))
 
 
 def _check(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> None:
@@ -139,6 +148,13 @@ def lora_delta_gather(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> t
     return out.index_add_(0, rows, u[:, None] * stack.Bt[table_rows])   # (N, out) += (M, 1) · (M, out)
 
 
+def lora_delta_dense(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
+    """((x Aᵀ) ⊙ S) Bt: every row against all R stacked ranks, S (N, R) = each row's scaling on its own adapter's
+    ranks and zero elsewhere (``column_scales[idx]``): two GEMMs, N × R × (in + out) multiply-adds."""
+    _check(x, idx, stack)
+    return ((x.to(stack.A.dtype) @ stack.A.T) * stack.column_scales[idx]) @ stack.Bt     # (N, R) @ (R, out)
+
+
 def pad_stack(stack: LoRAStack) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's layout: (n, r_max, in) and (n, r_max, out), every adapter zero-padded to the largest rank."""
     n, r_max = stack.n_adapters, int(stack.ranks.max()) if stack.n_adapters else 0
@@ -164,9 +180,12 @@ def lora_delta_padded(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack, padd
     return out.index_add_(0, rows, y * stack.scalings[a][:, None])
 
 
-def choose_method(idx: torch.Tensor) -> str:
-    """What ``lora_delta(method="auto")`` runs for these rows: "segments" with at least ``SEGMENT_ROWS`` rows per
-    adapter present (prefill: GEMMs pay), else "gather" (decode: one row per request, a loop would be per row)."""
+def choose_method(idx: torch.Tensor, stack: LoRAStack) -> str:
+    """What ``lora_delta(method="auto")`` runs for these rows: "dense" while rows × Σr ≤ ``DENSE_WORK`` (a few
+    dozen decoding rows: two GEMMs beat any loop), else "segments" with at least ``SEGMENT_ROWS`` rows per adapter
+    present (prompts: GEMMs per adapter pay), else "gather" (many adapters, a row or two each)."""
+    if len(idx) * stack.A.shape[0] <= DENSE_WORK:
+        return "dense"
     present = int(torch.unique(idx[idx >= 0]).numel()) if len(idx) else 0
     return "segments" if present and len(idx) >= SEGMENT_ROWS * present else "gather"
 
@@ -176,6 +195,6 @@ def lora_delta(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack, method: str
     if method not in METHODS:
         raise bad_choice("method", method, METHODS)
     if method == "auto":
-        method = choose_method(idx)
-    return {"gather": lora_delta_gather, "segments": lora_delta_segments, "padded": lora_delta_padded,
-            "loop": lora_delta_loop}[method](x, idx, stack)
+        method = choose_method(idx, stack)
+    return {"dense": lora_delta_dense, "gather": lora_delta_gather, "segments": lora_delta_segments,
+            "padded": lora_delta_padded, "loop": lora_delta_loop}[method](x, idx, stack)

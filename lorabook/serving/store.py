@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ class HostAdapter:
     name: str
     layers: dict            # module path -> (A (r, in), B (out, r), scaling)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B, _ in self.layers.values())
 
