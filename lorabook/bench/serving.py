@@ -12,13 +12,15 @@ tokens, greedy:
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present
 
-Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run), lorabook vs each peer, with
-``outputs_equal`` (every request's tokens the same in both); and what zero-padding every adapter to the largest rank
+Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run; lorabook and the mixed batch: the median of
+3 interleaved runs, ``paired_ratio`` beside it), lorabook vs each peer, with ``outputs_equal`` (every request's tokens
+the same in both); and what zero-padding every adapter to the largest rank
 (vLLM's layout) would cost here: the bytes of the padded stack against the unpadded one (``metric`` bytes), and the
 seconds of the padded gather against lorabook's on one decode step's rows of W_q.
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import register, row
-from .harness import bench_device, smollm2_shaped, threads
+from .harness import bench_device, interleaved, paired_ratio, smollm2_shaped, threads
 from ..lora import add_lora, delete_adapter, lora_layers, save_adapter
 from ..serving import Server, lora_delta_gather, lora_delta_padded, pad_stack, stack_adapters
 from ..timing import benchmark
@@ -34,6 +36,7 @@ from ..timing import benchmark
 RANKS, QUICK_RANKS = (4, 8, 16, 32, 64), (2, 4, 8, 16)   # the tiny Llama's k/v are 32 wide
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROMPT, NEW = 16, 16
+ROUNDS = 3   # lorabook and peft's mixed batch, interleaved; the per-request loop runs once
 
 
 def make_adapters(base, n: int, root: Path, ranks=RANKS) -> dict[str, Path]:
@@ -77,35 +80,41 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
                     adapter_budget_bytes=2 ** 31)                    # room for all of them: one batch, no waiting
     for name, path in folders.items():
         server.add_adapter(name, path)
-    start = time.perf_counter()
-    ours = server.generate(prompts, names, NEW)
-    t_ours = time.perf_counter() - start
-
-    model = peft.PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0])
-    for name in names[1:]:
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[names[0]], adapter_name=names[0])
+    for name in names[1:]:                                           # peft wraps its own copy of the base
         model.load_adapter(folders[name], adapter_name=name)
     model.eval()
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    ids = torch.tensor(prompts, device=dev)
+    out = {}
+
+    def ours():
+        out["ours"] = server.generate(prompts, names, NEW)
+
+    def mixed():
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+        out["mixed"] = tokens[:, PROMPT:].tolist()
+
+    rounds = 1 if quick else ROUNDS
+    t = interleaved({"ours": (None, ours, None), "mixed": (None, mixed, None)}, rounds=rounds, repeat=1, warmup=0,
+                    device=dev)
+    t_ours, t_mixed = t["ours"].median, t["mixed"].median
     start = time.perf_counter()
     loop = []
-    for prompt, name in zip(prompts, names):
+    for prompt, name in zip(prompts, names):                         # once: it is the slow one
         model.set_adapter(name)
-        ids = torch.tensor([prompt], device=dev)
-        loop.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0, PROMPT:].tolist())
+        one = torch.tensor([prompt], device=dev)
+        loop.append(model.generate(input_ids=one, attention_mask=torch.ones_like(one), **kw)[0, PROMPT:].tolist())
     t_loop = time.perf_counter() - start
-    ids = torch.tensor(prompts, device=dev)
-    start = time.perf_counter()
-    mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
-    t_mixed = time.perf_counter() - start
-    mixed = mixed[:, PROMPT:].tolist()
-    model.unload()
+    ours, mixed = out["ours"], out["mixed"]
 
     tokens = sum(map(len, ours))
     case = f"{n} requests over {n} adapters (ranks {ranks[0]}-{ranks[-1]}), {PROMPT} + {NEW} tokens each"
     rows = [row(case, "tokens_per_s", tokens / t_ours, "per-request loop", sum(map(len, loop)) / t_loop,
                 seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop),
             row(case, "tokens_per_s", tokens / t_ours, "peft mixed batch", sum(map(len, mixed)) / t_mixed,
-                seconds=t_ours, peer_seconds=t_mixed, outputs_equal=ours == mixed)]
+                seconds=t_ours, peer_seconds=t_mixed, outputs_equal=ours == mixed,
+                paired_ratio=1 / paired_ratio(t["ours"], t["mixed"], 1))]
 
     # what padding to the largest rank costs: W_q of layer 0, every adapter, one decode step (a row per request)
     path = "model.layers.0.self_attn.q_proj"

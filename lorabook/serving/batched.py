@@ -38,6 +38,7 @@ __all__ = ["LoRAStack", "stack_adapters", "lora_delta", "choose_method", "lora_d
 
 METHODS = ("auto", "dense", "gather", "segments", "padded", "loop")
 DENSE_WORK = 64 * 1024   # "auto": dense while rows × Σr is at most this (32 rows over ranks 4-64 of 32 adapters: 25k)
+DENSE_BLOCK = 16         # dense: rows per block (each block multiplies only the ranks of its own adapters)
 SEGMENT_ROWS = 8         # "auto": else segments with at least this many rows per adapter present, else gather
 
 
@@ -148,11 +149,29 @@ def lora_delta_gather(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> t
     return out.index_add_(0, rows, u[:, None] * stack.Bt[table_rows])   # (N, out) += (M, 1) · (M, out)
 
 
-def lora_delta_dense(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
-    """((x Aᵀ) ⊙ S) Bt: every row against all R stacked ranks, S (N, R) = each row's scaling on its own adapter's
-    ranks and zero elsewhere (``column_scales[idx]``): two GEMMs, N × R × (in + out) multiply-adds."""
+def lora_delta_dense(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack, block_rows: int | None = DENSE_BLOCK
+                     ) -> torch.Tensor:
+    """((x Aᵀ) ⊙ S) Bt: rows against stacked ranks, S = each row's scaling on its own adapter's ranks and zero
+    elsewhere (``column_scales[idx]``): two GEMMs. With ``block_rows``, the rows sorted by adapter go in blocks, each
+    against only the ranks of the adapters in it (they are consecutive in the stack): less work wasted on zeros."""
     _check(x, idx, stack)
-    return ((x.to(stack.A.dtype) @ stack.A.T) * stack.column_scales[idx]) @ stack.Bt     # (N, R) @ (R, out)
+    x = x.to(stack.A.dtype)
+    if block_rows is None or len(idx) <= block_rows:
+        return ((x @ stack.A.T) * stack.column_scales[idx]) @ stack.Bt                   # (N, R) @ (R, out)
+    out = x.new_zeros(x.shape[0], stack.Bt.shape[1])
+    order = torch.argsort(idx, stable=True)                                             # rows by adapter slot
+    slots = idx[order]
+    bounds = torch.stack([stack.offsets[slots.clamp(min=0)], stack.offsets[slots.clamp(min=0)] +
+                          stack.ranks[slots.clamp(min=0)]]).tolist()
+    for b in range(0, len(idx), block_rows):
+        a = slots[b:b + block_rows]
+        first = int((a < 0).sum())                                                      # -1 rows sort first
+        if first == len(a):
+            continue
+        lo, hi = bounds[0][b + first], bounds[1][b + len(a) - 1]                         # the block's stack rows
+        h = (x[order[b:b + block_rows]] @ stack.A[lo:hi].T) * stack.column_scales[a, lo:hi]
+        out[order[b:b + block_rows]] = h @ stack.Bt[lo:hi]
+    return out
 
 
 def pad_stack(stack: LoRAStack) -> tuple[torch.Tensor, torch.Tensor]:
