@@ -102,3 +102,28 @@ def test_bad_adapters_are_refused_and_not_added(folders, tmp_path):
     assert len(server.store) == 0
     with pytest.raises(ValueError, match="Llama-family"):
         Server(torch.nn.Linear(2, 2))
+
+
+def test_smollm2_requests_equal_peft_alone(smollm2, tmp_path):
+    """The real base: two adapters of different ranks and targets and a base row, each as peft alone."""
+    import copy
+
+    base, tok = smollm2
+    folders = {}
+    for name, r, targets, seed in (("sql", 4, ["q_proj", "v_proj"], 0), ("style", 8, ["o_proj", "down_proj"], 1)):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                                                        init_lora_weights=False, task_type="CAUSAL_LM"))
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+    server = Server(base, pool_pages=4096)
+    for name, path in folders.items():
+        server.add_adapter(name, path)
+    asks = [tok(q).input_ids for q in ("SELECT name FROM", "The capital of France is", "def add(a, b):")]
+    names = ["sql", None, "style"]
+    got = server.generate(asks, names, max_new_tokens=4)
+    for prompt, name, tokens in zip(asks, names, got):
+        model = base if name is None else peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[name])
+        ids = torch.tensor([prompt])
+        want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert tokens == want[0, len(prompt):].tolist(), name
