@@ -12,7 +12,8 @@ tokens, greedy:
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present
 
-Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run; lorabook and the mixed batch: the median of
+Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run, and lorabook's median time from admission
+to a request's first token, ``time_to_first_token``; lorabook and the mixed batch: the median of
 3 interleaved runs, ``paired_ratio`` beside it), lorabook vs each peer, with ``outputs_equal`` (every request's tokens
 the same in both); and what zero-padding every adapter to the largest rank
 (vLLM's layout) would cost here: the bytes of the padded stack against the unpadded one (``metric`` bytes), and the
@@ -21,6 +22,7 @@ seconds of the padded gather against lorabook's on one decode step's rows of W_q
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +92,7 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
 
     def ours():
         out["ours"] = server.generate(prompts, names, NEW)
+        out["ttft"] = statistics.median(server.stats["time_to_first_token"])   # admitted -> first token
 
     def mixed():
         tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
@@ -111,7 +114,7 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     tokens = sum(map(len, ours))
     case = f"{n} requests over {n} adapters (ranks {ranks[0]}-{ranks[-1]}), {PROMPT} + {NEW} tokens each"
     rows = [row(case, "tokens_per_s", tokens / t_ours, "per-request loop", sum(map(len, loop)) / t_loop,
-                seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop),
+                seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop, time_to_first_token=out["ttft"]),
             row(case, "tokens_per_s", tokens / t_ours, "peft mixed batch", sum(map(len, mixed)) / t_mixed,
                 seconds=t_ours, peer_seconds=t_mixed, outputs_equal=ours == mixed,
                 paired_ratio=1 / paired_ratio(t["ours"], t["mixed"], 1))]
