@@ -108,15 +108,19 @@ class Server:
         adapter = self.store.add(name, path)
         outside = [p for p in adapter.layers if not p.startswith("model.layers.") or p.split(".", 3)[3] not in LINEARS]
         too_high = {p: r for p, r in adapter.ranks.items() if r > self.max_lora_rank}
-        problem = (f"targets layers the server does not adapt ({', '.join(outside)}); it serves LoRA on "
-                   f"{', '.join(LINEARS)}" if outside else
-                   f"has rank {max(too_high.values())} (on {next(iter(too_high))}), above max_lora_rank="
-                   f"{self.max_lora_rank}" if too_high else
-                   f"takes {adapter.nbytes:,} bytes, more than the device budget of {self.cache.budget:,}"
-                   if adapter.nbytes > self.cache.budget else None)
-        if problem:
+        error = None
+        if outside:
+            error = ValueError(f"adapter {name!r} targets layers the server does not adapt ({', '.join(outside)}); "
+                               f"it serves LoRA on {', '.join(LINEARS)}")
+        elif too_high:
+            path, r = max(too_high.items(), key=lambda item: item[1])
+            error = ValueError(f"adapter {name!r} has rank {r} (on {path}), above max_lora_rank={self.max_lora_rank}")
+        elif adapter.nbytes > self.cache.budget:
+            error = AdapterTooLarge(f"adapter {name!r} takes {adapter.nbytes:,} bytes, more than the device budget "
+                                    f"of {self.cache.budget:,}")
+        if error is not None:
             self.store.remove(name)
-            raise (AdapterTooLarge if "budget" in problem else ValueError)(f"adapter {name!r} {problem}")
+            raise error
 
     def _refresh_stacks(self) -> None:
         if self._stacks_version == self.cache.version:
@@ -130,10 +134,10 @@ class Server:
                                       if any(a is not None for a in adapters) else None)
         self._stacks_version = self.cache.version
 
-    def _linear(self, i: int, name: str, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _linear(self, i: int, name: str, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         y = self.layers[i].get_submodule(name)(x)                           # (N, out): one GEMM for every row
         stack = self._stacks[f"model.layers.{i}.{name}"]
-        if stack is not None and bool((idx >= 0).any()):
+        if stack is not None and idx is not None:
             y = y + lora_delta(x.float(), idx, stack, self.method).to(y.dtype)
         return y
 
@@ -214,6 +218,7 @@ class Server:
         positions = torch.tensor([r.cached + j for r, n in zip(batch, new) for j in range(len(n))], device=device)
         idx = torch.tensor([slots[r.adapter] if r.adapter is not None else -1 for r, n in zip(batch, new) for _ in n],
                            dtype=torch.int64, device=device)
+        idx = idx if bool((idx >= 0).any()) else None                  # None: no row has an adapter this step
         ends = torch.tensor([len(n) for n in new]).cumsum(0) - 1
         per_token = len(self.layers) * self.pages_per_token
         grown = [self.pool.allocate(r.owner, len(n) * per_token).view(len(n), per_token) for r, n in zip(batch, new)]
