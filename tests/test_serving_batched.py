@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lorabook.lora import LoRALinear
-from lorabook.serving import (DENSE_WORK, METHODS, choose_method, lora_delta, lora_delta_dense, lora_delta_gather,
-                              lora_delta_loop, lora_delta_padded, lora_delta_segments, pad_stack, stack_adapters)
+from lorabook.serving import (DENSE_WORK, METHODS, PagedPool, choose_method, lora_delta, lora_delta_dense,
+                              lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_paged,
+                              lora_delta_segments, pad_stack, stack_adapters, stack_pages)
 
 IN, OUT = 12, 10
 
@@ -35,6 +36,58 @@ def test_every_method_equals_each_row_with_its_own_adapter(ranks, slots, seed):
         torch.testing.assert_close(fn(x, idx, stack), expected, rtol=1e-12, atol=1e-12)
     for method in METHODS:
         torch.testing.assert_close(lora_delta(x, idx, stack, method), expected, rtol=1e-12, atol=1e-12)
+
+
+def expected_delta(adapters, idx, x, out=OUT):
+    expected = torch.zeros(len(idx), out, dtype=x.dtype)
+    for i, a in enumerate(idx.tolist()):                     # written out: s · B (A x), per row
+        if a >= 0 and adapters[a] is not None:
+            A, B, s = adapters[a]
+            expected[i] = s * (B @ (A @ x[i]))
+    return expected
+
+
+def into_pages(adapters, pool, free):
+    """Each adapter's rows of A and Bᵀ into the next pages of ``free`` (padded to whole pages) -> stack_pages'
+    input."""
+    H, out = pool.page_size, []
+    for adapter in adapters:
+        if adapter is None:
+            out.append(None)
+            continue
+        tables = []
+        for rows in (adapter[0], adapter[1].T):                                 # (r, in), (r, out)
+            per_row = -(-rows.shape[1] // H)
+            pages = torch.tensor([next(free) for _ in range(rows.shape[0] * per_row)], dtype=torch.int64)
+            pool.write(pages, torch.nn.functional.pad(rows, (0, per_row * H - rows.shape[1])).reshape(-1, H))
+            tables.append(pages.view(rows.shape[0], per_row))
+        out.append((*tables, adapter[2]))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(ranks=st.lists(st.sampled_from([0, 1, 2, 4, 8]), min_size=1, max_size=5),
+       slots=st.lists(st.integers(-1, 4), min_size=0, max_size=20), page_size=st.sampled_from([5, 7, 12, 16]),
+       seed=st.integers(0, 3))
+def test_the_pages_give_the_same_rows_and_the_same_delta(ranks, slots, page_size, seed):
+    """Adapters written into random pages of a pool: the gathered stack is the stack, and BGMV on the pages
+    (alone, and fused with a second layer on the same x, of another width) equals each row with its own adapter."""
+    adapters, wide = random_adapters(ranks, seed), random_adapters(ranks[::-1], seed + 1)
+    wide = [None if a is None else (a[0], torch.cat([a[1], a[1]]), a[2]) for a in wide]     # out: 2 · OUT
+    pool = PagedPool(600, page_size, dtype=torch.float64)
+    free = iter(torch.randperm(600, generator=torch.Generator().manual_seed(seed)).tolist())
+    paged = stack_pages(into_pages(adapters, pool, free), IN, OUT, page_size)
+    paged_wide = stack_pages(into_pages(wide, pool, free), IN, 2 * OUT, page_size)
+    idx = torch.tensor([s if s < len(ranks) else -1 for s in slots], dtype=torch.int64)
+    x = torch.randn(len(idx), IN, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    want, got = stack_adapters(adapters, IN, OUT, dtype=torch.float64), paged.gather(pool.storage)
+    for field in ("A", "Bt", "offsets", "ranks", "scalings", "column_scales"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    expected = expected_delta(adapters, idx, x)
+    torch.testing.assert_close(lora_delta_paged(x, idx, paged, pool.storage), expected, rtol=1e-12, atol=1e-12)
+    both = lora_delta_paged(x, idx, [paged, paged_wide], pool.storage)
+    torch.testing.assert_close(both[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both[1], expected_delta(wide, idx, x, 2 * OUT), rtol=1e-12, atol=1e-12)
 
 
 def test_a_batch_equals_lora_linear_per_request():

@@ -46,7 +46,7 @@ def prompts(n, seed=0):
 
 
 @pytest.mark.parametrize("method, max_batch",
-                         [("auto", 8), ("gather", 3), ("segments", 8), ("dense", 4), ("padded", 2)])
+                         [("auto", 8), ("paged", 5), ("gather", 3), ("segments", 8), ("dense", 4), ("padded", 2)])
 def test_every_request_equals_peft_alone_with_its_adapter(folders, method, max_batch):
     server = Server(tiny_llama(0), max_batch=max_batch, method=method, max_lora_rank=16)
     for name, path in folders.items():
@@ -57,7 +57,7 @@ def test_every_request_equals_peft_alone_with_its_adapter(folders, method, max_b
     for prompt, name, tokens in zip(asks, names, got):
         assert tokens == peft_greedy(None if name is None else folders[name], prompt, 6), (name, prompt)
     assert len({tuple(t) for t in got}) > 3                   # the adapters make the answers differ
-    assert server.pool.used_pages == 0                        # every request's pages are back
+    assert server.pool.used_pages == server.cache.used_pages  # every request's pages are back; adapters stay
     assert server.stats["tokens"] == sum(map(len, got)) and len(server.stats["time_to_first_token"]) == len(names)
 
 
@@ -70,15 +70,33 @@ def test_a_small_pool_makes_requests_wait_not_fail(folders):
     assert server.pool.peak_used <= server.pool.n_pages
 
 
+def test_adapters_and_keys_and_values_share_the_pool(folders):
+    """Room for one adapter and one request at a time: the adapters take turns in the pages (evicted when idle),
+    each request still as peft alone."""
+    style_pages = 2 * 4 * (16 + 16)                                    # rank 16 on q, k, v, o of 2 layers: 256
+    server = Server(tiny_llama(0), max_batch=4, pool_pages=style_pages + 2 * 18)   # + 18 tokens' keys and values
+    for name in ("sql", "style"):
+        server.add_adapter(name, folders[name])
+    names = ["style", "sql", "style", None, "sql"]
+    asks = prompts(len(names), seed=3)
+    got = server.generate(asks, names, max_new_tokens=6)
+    assert got == [peft_greedy(None if n is None else folders[n], p, 6) for p, n in zip(asks, names)]
+    assert server.cache.evictions >= 2 and server.pool.peak_used <= server.pool.n_pages
+    assert server.pool.used_pages == server.cache.used_pages
+
+
 def test_bad_requests_are_refused_before_anything_runs(folders):
-    server = Server(tiny_llama(0, max_seq_len=32), pool_pages=32)
-    server.add_adapter("sql", folders["sql"])
+    server = Server(tiny_llama(0, max_seq_len=32), pool_pages=39)
+    server.add_adapter("sql", folders["sql"])                  # 32 pages: 2 layers × (4 rows of A + 4 of B) × 2
     with pytest.raises(ValueError, match=r"adapter_names\[1\]: unknown adapter 'chat' \(added: 'sql'\)"):
-        server.generate([[1, 2], [3, 4]], ["sql", "chat"], 2)
+        server.generate([[1, 2], [3, 4]], [None, "chat"], 2)
+    with pytest.raises(ValueError, match=r"input_ids\[0\] needs 40 pool pages .*\(and adapter\)"):
+        server.generate([[1, 2]], ["sql"], 2)                # 4 tokens × 2 layers + the adapter's 32
     with pytest.raises(ValueError, match="exceed the model's context of 32"):
         server.generate([[1] * 30], [None], 4)
     with pytest.raises(ValueError, match="needs 40 pool pages"):
         server.generate([[1] * 10], [None], 10)
+    assert server.kv_pages(10, 10) == 40 and server.cache.pages_of("sql") == 32
     with pytest.raises(ValueError, match=r"input_ids\[0\] must be a non-empty list of token ids in \[0, 256\)"):
         server.generate([[1, 256]], [None], 2)
     with pytest.raises(ValueError, match="one name .* per prompt"):
@@ -89,10 +107,10 @@ def test_bad_requests_are_refused_before_anything_runs(folders):
 
 
 def test_bad_adapters_are_refused_and_not_added(folders, tmp_path):
-    server = Server(tiny_llama(0), max_lora_rank=8, adapter_budget_bytes=10_000)
+    server = Server(tiny_llama(0), max_lora_rank=8, pool_pages=100)
     with pytest.raises(ValueError, match="rank 16 .* above max_lora_rank=8"):
         server.add_adapter("style", folders["style"])
-    with pytest.raises(AdapterTooLarge, match="more than the device budget"):
+    with pytest.raises(AdapterTooLarge, match=r"takes \d+ pages, more than the pool's 100"):
         server.add_adapter("all", folders["all"])
     with pytest.raises(ValueError, match="shape"):              # another architecture's adapter
         Server(tiny_llama(0, d_model=32)).add_adapter("sql", folders["sql"])

@@ -1,10 +1,12 @@
-"""The adapter store (PEFT folders in host memory, checked against the model) and the device cache (LRU under a
-byte budget, slots, counts; nothing changes on a refused fetch)."""
+"""The adapter store (PEFT folders in host memory, checked against the model) and the device cache (the adapters'
+rows in pool pages, LRU, slots, counts; nothing changes on a refused fetch)."""
 import peft
 import pytest
 import torch
 
 from lorabook.models import tiny_llama
+from lorabook.serving.batched import stack_adapters, stack_pages
+from lorabook.serving.pool import PagedPool, PoolExhausted
 from lorabook.serving.store import AdapterStore, AdapterTooLarge, DeviceCache
 
 
@@ -45,34 +47,75 @@ def test_an_adapter_for_another_architecture_is_refused_and_nothing_added(folder
     assert len(store) == 0
 
 
-def test_cache_evicts_the_least_recently_used_adapter_not_needed_now(folders):
+def store_of(folders):
     store = AdapterStore(tiny_llama(0))
     for name, path in folders.items():
         store.add(name, path)
-    sizes = {n: store[n].nbytes for n in folders}
-    cache = DeviceCache(store, budget_bytes=sizes["sql"] + sizes["style"])
+    return store
+
+
+def test_an_adapter_takes_a_page_per_row_of_A_and_of_B_transposed(folders):
+    store = store_of(folders)        # the tiny Llama: H = 64, k/v 32 wide, MLP 128 wide
+    assert store["style"].pages(64) == 2 * 4 * (8 + 8)           # 4r pages for A, 4r for B, in each of 2 layers
+    assert store["rs"].pages(64) == 2 * 2 * (2 + 1)              # down_proj: A's rows are 128 long (2 pages)
+    assert store["sql"].pages(32) == 2 * 4 * (2 + 2 + 2 + 1)     # pages of 32: q's rows take two pages
+
+
+def test_cache_evicts_the_least_recently_used_adapter_not_needed_now(folders):
+    store = store_of(folders)
+    cache = DeviceCache(store, PagedPool(store["sql"].pages(64) + store["style"].pages(64), 64))
     assert cache.fetch(["sql", None, "sql"]) == {"sql": 0}
     assert cache.fetch(["style"]) == {"style": 1}
     assert cache.fetch(["sql"]) == {"sql": 0}           # a hit: sql is now the most recent
     assert cache.fetch(["rs"]) == {"rs": 1}             # style (least recently used) goes; its slot is reused
     assert list(cache.resident) == ["sql", "rs"] and (cache.loads, cache.hits, cache.evictions) == (3, 1, 1)
-    layer = cache.layer_adapters("model.layers.0.self_attn.q_proj")
-    assert layer[0][0].shape == (4, 64) and layer[1] is None   # rs does not target q_proj
+    assert cache.used_pages == cache.pool.used_pages == store["sql"].pages(64) + store["rs"].pages(64)
+    layer = cache.layer_pages("model.layers.0.self_attn.q_proj")
+    assert layer[0][0].shape == (4, 1) and layer[1] is None   # rs does not target q_proj
+
+
+@pytest.mark.parametrize("page_size", [64, 24])
+def test_the_pages_hold_the_adapters_rows_exactly(folders, page_size):
+    store = store_of(folders)
+    cache = DeviceCache(store, PagedPool(400 if page_size == 64 else 1200, page_size))
+    cache.fetch(["rs", "sql", "style"])
+    for path in ("model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"):
+        lin = tiny_llama(0).get_submodule(path)
+        by_slot = {s: store[n].layers.get(path) for n, s in cache.slots.items()}
+        want = stack_adapters([by_slot[s] for s in range(3)], lin.in_features, lin.out_features)
+        got = stack_pages(cache.layer_pages(path), lin.in_features, lin.out_features, page_size).gather(
+            cache.pool.storage)
+        for field in ("A", "Bt", "offsets", "ranks", "scalings", "column_scales"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (path, field)
+
+
+def test_idle_adapters_give_their_pages_to_the_kv_cache(folders):
+    store = store_of(folders)
+    pool = PagedPool(store["sql"].pages(64) + store["style"].pages(64), 64)
+    cache = DeviceCache(store, pool)
+    cache.fetch(["sql", "style"])
+    assert cache.fetch(["style"], keep_free=10) == {"style": 1} and list(cache.resident) == ["style"]
+    assert pool.free_pages >= 10 and cache.evictions == 1
 
 
 def test_a_refused_fetch_changes_nothing(folders):
-    store = AdapterStore(tiny_llama(0))
-    for name, path in folders.items():
-        store.add(name, path)
-    cache = DeviceCache(store, budget_bytes=store["style"].nbytes)
+    store = store_of(folders)
+    cache = DeviceCache(store, PagedPool(store["style"].pages(64) + 4, 64), max_adapters=2)
     cache.fetch(["style"])
-    before = (list(cache.resident), dict(cache.slots), cache.loads, cache.evictions, cache.version)
-    with pytest.raises(AdapterTooLarge, match="together"):
+    before = (list(cache.resident), dict(cache.slots), cache.loads, cache.evictions, cache.version,
+              cache.pool.free_pages, cache.pool.storage.clone())
+    with pytest.raises(PoolExhausted, match="need .* more pages"):
         cache.fetch(["sql", "style"])
+    with pytest.raises(PoolExhausted, match="stay free for the KV cache"):
+        cache.fetch(["style"], keep_free=5)
+    with pytest.raises(AdapterTooLarge, match="3 adapters, more than max_adapters=2"):
+        cache.fetch(["sql", "style", "rs"])
     with pytest.raises(KeyError, match="unknown adapter"):
         cache.fetch(["sql", "nope"])
-    assert (list(cache.resident), dict(cache.slots), cache.loads, cache.evictions, cache.version) == before
-    with pytest.raises(AdapterTooLarge, match="more than the device budget"):
-        DeviceCache(store, budget_bytes=100).fetch(["sql"])
-    with pytest.raises(ValueError, match="budget_bytes"):
-        DeviceCache(store, budget_bytes=0)
+    after = (list(cache.resident), dict(cache.slots), cache.loads, cache.evictions, cache.version,
+             cache.pool.free_pages, cache.pool.storage)
+    assert after[:-1] == before[:-1] and torch.equal(after[-1], before[-1])
+    with pytest.raises(ValueError, match="max_adapters"):
+        DeviceCache(store, cache.pool, max_adapters=0)
+    with pytest.raises(TypeError, match="pool must be a PagedPool"):
+        DeviceCache(store, 100)

@@ -7,7 +7,7 @@ tokens, greedy:
 
     lorabook          ``lorabook.serving.Server``: every running request in one batch, one GEMM per linear layer
                       for all rows, the LoRA parts batched (``lora_delta``: dense when decoding, segments for the
-                      prompts), keys and values in the paged pool
+                      prompts), adapters' weights and keys and values in one paged pool
     per-request loop  peft: one ``PeftModel`` holding every adapter; per request ``set_adapter`` + ``generate``
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present
@@ -33,6 +33,7 @@ from . import register, row
 from .harness import bench_device, interleaved, paired_ratio, smollm2_shaped, threads
 from ..lora import add_lora, delete_adapter, lora_layers, save_adapter
 from ..serving import Server, lora_delta_gather, lora_delta_padded, pad_stack, stack_adapters
+from ..serving.compare import peft_mixed
 from ..timing import benchmark
 
 RANKS, QUICK_RANKS = (4, 8, 16, 32, 64), (2, 4, 8, 16)   # the tiny Llama's k/v are 32 wide
@@ -78,8 +79,11 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     prompts = torch.randint(3, vocab, (n, PROMPT), generator=g).tolist()
     names = list(folders)
 
-    server = Server(base, max_batch=n, pool_pages=n * (PROMPT + NEW) * len(base.model.layers) * 2 + 1024,
-                    adapter_budget_bytes=2 ** 31)                    # room for all of them: one batch, no waiting
+    cfg, layers = base.config, len(base.model.layers)   # the pool: every adapter's and request's pages at once
+    kv_dim = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    kv_pages = n * (PROMPT + NEW) * layers * -(-2 * kv_dim // cfg.hidden_size)
+    adapter_pages = sum(8 * layers * ranks[i % len(ranks)] for i in range(n))      # 4r for A and 4r for B
+    server = Server(base, max_batch=n, pool_pages=kv_pages + adapter_pages)   # one batch, no waiting
     for name, path in folders.items():
         server.add_adapter(name, path)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[names[0]], adapter_name=names[0])
@@ -87,7 +91,6 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
         model.load_adapter(folders[name], adapter_name=name)
     model.eval()
     kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    ids = torch.tensor(prompts, device=dev)
     out = {}
 
     def ours():
@@ -95,8 +98,7 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
         out["ttft"] = statistics.median(server.stats["time_to_first_token"])   # admitted -> first token
 
     def mixed():
-        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
-        out["mixed"] = tokens[:, PROMPT:].tolist()
+        out["mixed"] = peft_mixed(model, prompts, names, NEW)
 
     rounds = 1 if quick else ROUNDS
     t = interleaved({"ours": (None, ours, None), "mixed": (None, mixed, None)}, rounds=rounds, repeat=1, warmup=0,

@@ -3,25 +3,25 @@ https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https:
 
     batched.py   the LoRA part of a batch whose rows use different adapters of different ranks: a per-row loop
                  (the formula), segments per adapter (SGMV), a gather without padding (BGMV), masked dense GEMMs,
-                 vLLM's padded gather
+                 vLLM's padded gather; and BGMV reading the adapters' rows from the pool's pages
     store.py     AdapterStore (PEFT folders in host memory, checked against the base) and DeviceCache (the
-                 adapters in use on the device under a byte budget, least recently used evicted first, slots)
+                 adapters in use, in pages of the pool, least recently used evicted first, slots)
     pool.py      the unified paged pool (adapter weights and KV cache in pages of H values) and the contiguous
                  first-fit allocator it is measured against
     trace.py     a seeded request trace served in the paged pool and in contiguous ranges: fragmentation measured
     server.py    Server(model).add_adapter(name, peft_folder) / .generate(input_ids, adapter_names, max_new_tokens):
                  continuous batching, the keys and values in the pool, greedy -- each request as peft alone
 """
-from .batched import (DENSE_WORK, METHODS, SEGMENT_ROWS, LoRAStack, choose_method, lora_delta, lora_delta_dense,
-                      lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_segments, pad_stack,
-                      stack_adapters)
+from .batched import (DENSE_WORK, METHODS, SEGMENT_ROWS, LoRAStack, PagedStack, choose_method, lora_delta,
+                      lora_delta_dense, lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_paged,
+                      lora_delta_segments, pad_stack, paged_method, stack_adapters, stack_pages)
 from .pool import ContiguousAllocator, PagedPool, PoolExhausted
-from .server import LINEARS, Server
+from .server import LINEARS, SERVER_METHODS, Server
 from .store import AdapterStore, AdapterTooLarge, DeviceCache, HostAdapter
 from .trace import TraceRequest, request_trace, simulate
 
-__all__ = ["DENSE_WORK", "METHODS", "SEGMENT_ROWS", "LoRAStack", "choose_method", "lora_delta", "lora_delta_dense",
-           "lora_delta_gather",
-           "lora_delta_loop", "lora_delta_padded", "lora_delta_segments", "pad_stack", "stack_adapters",
+__all__ = ["DENSE_WORK", "METHODS", "SEGMENT_ROWS", "LoRAStack", "PagedStack", "choose_method", "lora_delta",
+           "lora_delta_dense", "lora_delta_gather", "lora_delta_loop", "lora_delta_padded", "lora_delta_paged",
+           "lora_delta_segments", "pad_stack", "paged_method", "stack_adapters", "stack_pages",
            "ContiguousAllocator", "PagedPool", "PoolExhausted", "AdapterStore", "AdapterTooLarge", "DeviceCache",
-           "HostAdapter", "Server", "LINEARS", "TraceRequest", "request_trace", "simulate"]
+           "HostAdapter", "Server", "LINEARS", "SERVER_METHODS", "TraceRequest", "request_trace", "simulate"]

@@ -23,22 +23,30 @@ many rows per adapter (prefill), gather otherwise (many distinct adapters, a row
 The adapters of one linear layer live in a ``LoRAStack``: A's rows and Bᵀ's rows of every adapter, one after another
 (``A`` (R, in), ``Bt`` (R, out), R = Σ r_a), with each adapter's ``offsets`` and ``ranks`` and its ``scalings``.
 An adapter that does not target this layer has rank 0 here. Shapes: x (N, in) rows (tokens), idx (N,) int64.
+
+In a server the rows live in pages of the unified pool (``pool``): a ``PagedStack`` holds their page ids instead,
+``PagedStack.gather`` copies them out into a ``LoRAStack``, and ``lora_delta_paged`` computes BGMV on the pages
+themselves (the rows of A a batch uses gathered, Bᵀ's summed where they lie by ``embedding_bag``): a sixth way,
+equal to the others in the tests, what the server runs when decoding (``paged_method``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .._checks import bad_choice, check_int
 
-__all__ = ["LoRAStack", "stack_adapters", "lora_delta", "choose_method", "lora_delta_loop", "lora_delta_segments",
-           "lora_delta_gather", "lora_delta_dense", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS",
+__all__ = ["LoRAStack", "stack_adapters", "PagedStack", "stack_pages", "lora_delta_paged", "paged_method",
+           "lora_delta", "choose_method", "lora_delta_loop", "lora_delta_segments", "lora_delta_gather",
+           "lora_delta_dense", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS", "SHRINK_BLOCK",
            "DENSE_WORK"]
 
 METHODS = ("auto", "dense", "gather", "segments", "padded", "loop")
 DENSE_WORK = 64 * 1024   # "auto": dense while rows × Σr is at most this (32 rows over ranks 4-64 of 32 adapters: 25k)
 DENSE_BLOCK = 16         # dense: rows per block (each block multiplies only the ranks of its own adapters)
+SHRINK_BLOCK = 8         # lora_delta_paged: rows per shrink GEMM (each block against its own rank rows only)
 SEGMENT_ROWS = 8         # "auto": else segments with at least this many rows per adapter present, else gather
 
 
@@ -78,15 +86,65 @@ def stack_adapters(adapters: list, in_features: int, out_features: int, dtype=to
         Bts.append(B.detach().T.to(dtype))
         ranks.append(r)
         scalings.append(float(scaling))
-    ranks_t = torch.tensor(ranks, dtype=torch.int64)
-    offsets = torch.cumsum(ranks_t, 0) - ranks_t
     A = torch.cat(As) if As else torch.zeros(0, in_features, dtype=dtype)
     Bt = torch.cat(Bts) if Bts else torch.zeros(0, out_features, dtype=dtype)
-    scales = torch.zeros(len(adapters) + 1, A.shape[0], dtype=dtype)
+    return LoRAStack(A.to(device), Bt.to(device), *_layout(ranks, scalings, dtype, device))
+
+
+def _layout(ranks: list[int], scalings: list[float], dtype, device) -> tuple:
+    """offsets, ranks, scalings and column_scales of a stack with these adapters' ranks, one after another."""
+    ranks_t = torch.tensor(ranks, dtype=torch.int64)
+    offsets = torch.cumsum(ranks_t, 0) - ranks_t
+    scales = torch.zeros(len(ranks) + 1, sum(ranks), dtype=dtype)
     for a, (lo, r, s) in enumerate(zip(offsets.tolist(), ranks, scalings)):
         scales[a, lo:lo + r] = s
-    return LoRAStack(A.to(device), Bt.to(device), offsets.to(device), ranks_t.to(device),
-                     torch.tensor(scalings, dtype=dtype, device=device), scales.to(device))
+    return (offsets.to(device), ranks_t.to(device), torch.tensor(scalings, dtype=dtype, device=device),
+            scales.to(device))
+
+
+@dataclass(frozen=True)
+class PagedStack:
+    """A ``LoRAStack`` whose rows live in pages of a pool (S-LoRA's unified pool): row j of A is the pages
+    ``a_pages[j]`` one after another, cut to ``in_features``; Bᵀ's likewise. ``gather(storage)`` copies the rows
+    out for the matmuls -- a temporary, where S-LoRA's kernels read the pages in place."""
+    a_pages: torch.Tensor    # (R, ⌈in / H⌉) int64 page ids
+    b_pages: torch.Tensor    # (R, ⌈out / H⌉)
+    in_features: int
+    out_features: int
+    offsets: torch.Tensor
+    ranks: torch.Tensor
+    scalings: torch.Tensor
+    column_scales: torch.Tensor
+
+    def gather(self, storage: torch.Tensor) -> LoRAStack:
+        """storage (n_pages, H) -> the ``LoRAStack`` these pages hold (A (R, in), Bt (R, out))."""
+        (R, pa), pb, H = self.a_pages.shape, self.b_pages.shape[1], storage.shape[1]
+        A = storage.index_select(0, self.a_pages.reshape(-1)).view(R, pa * H)[:, :self.in_features]
+        Bt = storage.index_select(0, self.b_pages.reshape(-1)).view(R, pb * H)[:, :self.out_features]
+        return LoRAStack(A, Bt, self.offsets, self.ranks, self.scalings.to(storage.dtype),
+                         self.column_scales.to(storage.dtype))
+
+
+def stack_pages(adapters: list, in_features: int, out_features: int, page_size: int, device=None) -> PagedStack:
+    """[(a_pages (r, ⌈in/H⌉), b_pages (r, ⌈out/H⌉), scaling) or None per adapter slot] -> ``PagedStack``."""
+    check_int("page_size", page_size, low=1)
+    shapes = (-(-in_features // page_size), -(-out_features // page_size))
+    a_pages, b_pages, ranks, scalings = [], [], [], []
+    for slot, adapter in enumerate(adapters):
+        a, b, scaling = adapter if adapter is not None else (None, None, 0.0)
+        if a is not None and (a.dim() != 2 or a.shape[1] != shapes[0] or b.shape != (a.shape[0], shapes[1])):
+            raise ValueError(f"adapters[{slot}]: a_pages must be (r, {shapes[0]}) and b_pages (r, {shapes[1]}) "
+                             f"for {in_features} -> {out_features} in pages of {page_size}, got {tuple(a.shape)} "
+                             f"and {tuple(b.shape)}")
+        a_pages += [] if a is None else [a]
+        b_pages += [] if b is None else [b]
+        ranks.append(0 if a is None else a.shape[0])
+        scalings.append(float(scaling))
+    empty = torch.zeros(0, shapes[0], dtype=torch.int64), torch.zeros(0, shapes[1], dtype=torch.int64)
+    a = torch.cat(a_pages) if a_pages else empty[0]
+    b = torch.cat(b_pages) if b_pages else empty[1]
+    return PagedStack(a.to(device), b.to(device), in_features, out_features,
+                      *_layout(ranks, scalings, torch.float32, device))
 
 
 def _check(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> None:
@@ -197,6 +255,53 @@ def lora_delta_padded(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack, padd
     h = torch.bmm(A[a], x[rows].to(A.dtype)[:, :, None])                 # (m, r_max, 1)
     y = torch.bmm(Bt[a].transpose(1, 2), h)[:, :, 0]                      # (m, out)
     return out.index_add_(0, rows, y * stack.scalings[a][:, None])
+
+
+def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.Tensor):
+    """BGMV straight from the pool's pages (punica's shrink and expand), nothing padded: (N, in) -> (N, out).
+
+    Shrink: the M = Σ_i r_idx[i] rows of A the batch uses are gathered, (M, in) (a row's are consecutive), and
+    u_j = s · A[row j] · x[i_j] comes from GEMMs of ``SHRINK_BLOCK`` rows of x against their own rows' pairs.
+    Expand: ``embedding_bag`` sums each row's pages of Bᵀ where they lie, weighted by u: y[i] = Σ_j u_j Bᵀ[row j].
+    ``stacks`` may be a list of layers that read the same x (W_q, W_k, W_v): one gather for all of them, and a
+    list of outputs."""
+    single = isinstance(stacks, PagedStack)
+    stacks = [stacks] if single else list(stacks)
+    if x.dim() != 2 or any(x.shape[1] != p.in_features for p in stacks):
+        raise ValueError(f"x must be (rows, in_features={stacks[0].in_features}), got {tuple(x.shape)}")
+    pairs = [_ragged(idx, p) for p in stacks]                                  # [(rows (M,), stack rows (M,))]
+    pages = torch.cat([p.a_pages[t].reshape(-1) for p, (_, t) in zip(stacks, pairs)])
+    per_row = stacks[0].a_pages.shape[1] * storage.shape[1]                   # ⌈in / H⌉ pages of H
+    A = storage.index_select(0, pages).view(-1, per_row)[:, :x.shape[1]]    # (ΣM, in) gathered
+    x, outs, col = x.to(storage.dtype), [], 0
+    for p, (rows, table_rows) in zip(stacks, pairs):
+        M = len(rows)
+        if M == 0:                                                             # no row's adapter targets it
+            outs.append(storage.new_zeros(x.shape[0], p.out_features))
+            continue
+        r = torch.where(idx >= 0, p.ranks[idx.clamp(min=0)], 0)               # (N,) pairs per row
+        starts = torch.cumsum(r, 0) - r                                        # each row's first pair
+        bounds = starts.tolist() + [M]
+        u = x.new_empty(M)
+        for lo in range(0, x.shape[0], SHRINK_BLOCK):     # a block of rows against its own pairs only
+            hi = min(lo + SHRINK_BLOCK, x.shape[0])
+            p0, p1 = bounds[lo], bounds[hi]
+            if p1 > p0:
+                h = x[lo:hi] @ A[col + p0:col + p1].T                          # (rows, pairs)
+                u[p0:p1] = h[rows[p0:p1] - lo, torch.arange(p1 - p0, device=idx.device)]
+        col += M
+        u = u * p.scalings.to(storage.dtype)[idx[rows]]                        # (M,) shrink: s · A x
+        expand = [F.embedding_bag(p.b_pages[table_rows, c], storage, starts, mode="sum", per_sample_weights=u)
+                  for c in range(p.b_pages.shape[1])]                          # (N, H) per page column
+        outs.append((expand[0] if len(expand) == 1 else torch.cat(expand, dim=1))[:, :p.out_features])
+    return outs[0] if single else outs
+
+
+def paged_method(idx: torch.Tensor, paged: PagedStack) -> str:
+    """"paged" (``lora_delta_paged``) when the batch's rank rows are no more than the stack's (it gathers M rows of
+    A, fewer than the whole stack: decoding), else "stack": gather the stack once and let ``choose_method`` pick."""
+    r = torch.where(idx >= 0, paged.ranks[idx.clamp(min=0)], 0)
+    return "paged" if int(r.sum()) <= paged.a_pages.shape[0] else "stack"
 
 
 def choose_method(idx: torch.Tensor, stack: LoRAStack) -> str:

@@ -4,15 +4,18 @@ Requests come with a prompt (token ids) and an adapter name (None: the base mode
 once for all running requests together: their new tokens are the rows of one batch -- the whole prompt of a request
 that has just been admitted (prefill), one token for the others (decode). Every linear layer is
 
-    y = x W0ᵀ  (one GEMM, all rows)  +  lora_delta(x, idx, stack)    each row its own adapter (``batched``)
+    y = x W0ᵀ  (one GEMM, all rows)  +  each row's own adapter's s · B A x  (``batched``)
 
-Keys and values live in the paged pool (``pool``): for every token and layer, [k | v] in ⌈2 · kv_dim / H⌉ pages
-of H values, wherever free pages are. A prompt attends causally to itself; the decoding rows attend together, each
-to its own cached tokens (their pages gathered into one padded batch, the padding masked). A request is admitted
-(first come, first served) when the pool can hold its prompt and all of its new tokens and the device cache its
-adapter next to those of the running requests; otherwise it waits until running ones finish. Each request
-finishes on its own, after max_new_tokens or at the end-of-sequence token, as transformers' greedy ``generate``
-does for that request alone.
+Keys and values and the adapters' weights share one paged pool (``pool``, S-LoRA's unified pool): for every token
+and layer, [k | v] in ⌈2 · kv_dim / H⌉ pages of H values, wherever free pages are; an adapter's rows of A and Bᵀ
+likewise (``store.DeviceCache``). Decoding, the LoRA parts read the pages (``lora_delta_paged``: A's rows gathered,
+Bᵀ's summed in place); for prompts, each layer's adapters are gathered out of their pages into one stack first.
+A prompt attends causally to itself; the decoding rows attend together, each to its own cached tokens (their pages
+gathered into one padded batch, the padding masked). A request is admitted (first come, first served) when the
+pool can hold the keys and values of its prompt and all of its new tokens next to those of the running requests,
+and its adapter if that is not on the device (idle adapters' pages count as free: they are evicted when wanted);
+otherwise it waits until running ones finish. Each request finishes on its own, after max_new_tokens or at the
+end-of-sequence token, as transformers' greedy ``generate`` does for that request alone.
 
 The model: a transformers Llama-family causal LM (SmolLM2, ``lorabook.models.tiny_llama``), plain linear layers.
 """
@@ -27,12 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_int, check_module
-from .batched import METHODS, lora_delta, stack_adapters
+from .batched import METHODS, lora_delta, lora_delta_paged, paged_method, stack_pages
 from .pool import PagedPool
 from .store import AdapterStore, AdapterTooLarge, DeviceCache
 
-__all__ = ["Server", "LINEARS"]
+__all__ = ["Server", "LINEARS", "SERVER_METHODS"]
 
+SERVER_METHODS = ("auto", "paged") + METHODS[1:]   # "paged": BGMV on the pages; the others on the gathered stack
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")   # the linear layers of a decoder layer an adapter may target
 
@@ -74,12 +78,12 @@ class Server:
     """Many adapters, one base model: ``add_adapter(name, peft_folder)``, then ``generate``."""
 
     def __init__(self, model: nn.Module, max_batch: int = 8, pool_pages: int = 2 ** 16,
-                 adapter_budget_bytes: int = 256 * 2 ** 20, max_lora_rank: int = 64, method: str = "auto"):
+                 max_loras: int | None = None, max_lora_rank: int = 64, method: str = "auto"):
         check_module("model", model)
         _check_llama(model)
         self.model = model.eval()
         self.max_batch = check_int("max_batch", max_batch, low=1)
-        self.method = check_choice("method", method, METHODS)
+        self.method = check_choice("method", method, SERVER_METHODS)
         self.max_lora_rank = check_int("max_lora_rank", max_lora_rank, low=1)
         cfg = model.config
         self.layers = model.model.layers
@@ -92,7 +96,7 @@ class Server:
         weight = model.lm_head.weight
         self.pool = PagedPool(check_int("pool_pages", pool_pages, low=1), self.hidden, weight.dtype, weight.device)
         self.store = AdapterStore(model)
-        self.cache = DeviceCache(self.store, adapter_budget_bytes, weight.device)
+        self.cache = DeviceCache(self.store, self.pool, max_loras)
         self._stacks: dict[str, object] = {}
         self._stacks_version = -1
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -103,8 +107,8 @@ class Server:
 
     def add_adapter(self, name: str, path) -> None:
         """A PEFT LoRA folder as adapter ``name`` (checked against the base, kept in host memory); refused, and
-        not added, if it targets a layer the server does not adapt, has a rank above ``max_lora_rank`` or is larger
-        than the device budget."""
+        not added, if it targets a layer the server does not adapt, has a rank above ``max_lora_rank`` or takes more
+        pages than the pool has."""
         adapter = self.store.add(name, path)
         outside = [p for p in adapter.layers if not p.startswith("model.layers.") or p.split(".", 3)[3] not in LINEARS]
         too_high = {p: r for p, r in adapter.ranks.items() if r > self.max_lora_rank}
@@ -115,9 +119,9 @@ class Server:
         elif too_high:
             path, r = max(too_high.items(), key=lambda item: item[1])
             error = ValueError(f"adapter {name!r} has rank {r} (on {path}), above max_lora_rank={self.max_lora_rank}")
-        elif adapter.nbytes > self.cache.budget:
-            error = AdapterTooLarge(f"adapter {name!r} takes {adapter.nbytes:,} bytes, more than the device budget "
-                                    f"of {self.cache.budget:,}")
+        elif adapter.pages(self.hidden) > self.pool.n_pages:
+            error = AdapterTooLarge(f"adapter {name!r} takes {adapter.pages(self.hidden):,} pages, more than the "
+                                    f"pool's {self.pool.n_pages:,}")
         if error is not None:
             self.store.remove(name)
             raise error
@@ -128,18 +132,27 @@ class Server:
         for i, layer in enumerate(self.layers):
             for p in LINEARS:
                 path, lin = f"model.layers.{i}.{p}", layer.get_submodule(p)
-                adapters = self.cache.layer_adapters(path)
-                self._stacks[path] = (stack_adapters(adapters, lin.in_features, lin.out_features,
-                                                     device=lin.weight.device)
+                adapters = self.cache.layer_pages(path)
+                self._stacks[path] = (stack_pages(adapters, lin.in_features, lin.out_features, self.hidden,
+                                                  device=lin.weight.device)
                                       if any(a is not None for a in adapters) else None)
         self._stacks_version = self.cache.version
 
-    def _linear(self, i: int, name: str, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        y = self.layers[i].get_submodule(name)(x)                           # (N, out): one GEMM for every row
-        stack = self._stacks[f"model.layers.{i}.{name}"]
-        if stack is not None and idx is not None:
-            y = y + lora_delta(x.float(), idx, stack, self.method).to(y.dtype)
-        return y
+    def _linears(self, i: int, names: tuple[str, ...], x: torch.Tensor, idx: torch.Tensor | None) -> list:
+        """Layer i's linears ``names`` on the same input x (N, in): one GEMM each for every row, plus each row's
+        LoRA. Decoding ("paged"), the linears' shrinks share one gather and one GEMM (``lora_delta_paged``)."""
+        ys = [self.layers[i].get_submodule(n)(x) for n in names]                 # (N, out) each: every row
+        paged = [self._stacks[f"model.layers.{i}.{n}"] for n in names]
+        todo = [k for k, p in enumerate(paged) if p is not None and idx is not None]
+        methods = {paged_method(idx, paged[k]) if self.method == "auto" else self.method for k in todo}
+        if methods == {"paged"}:                                                  # read the pages in place
+            deltas = lora_delta_paged(x, idx, [paged[k] for k in todo], self.pool.storage)
+        else:                                                                     # the rows, out of their pages
+            deltas = [lora_delta(x.to(self.pool.storage.dtype), idx, paged[k].gather(self.pool.storage),
+                                 "auto" if self.method in ("auto", "paged") else self.method) for k in todo]
+        for k, delta in zip(todo, deltas):
+            ys[k] = ys[k] + delta.to(ys[k].dtype)
+        return ys
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -164,15 +177,18 @@ class Server:
                     known = ", ".join(map(repr, sorted(self.store.adapters))) or "none"
                     raise ValueError(f"adapter_names[{i}]: unknown adapter {name!r} (added: {known}); never "
                                      f"the base model silently -- pass None for the base")
-            need = self._pages_needed(len(prompt), max_new_tokens)
+            need = self.kv_pages(len(prompt), max_new_tokens)
+            need += 0 if name is None else self.cache.pages_of(name)
             if need > self.pool.n_pages:
-                raise ValueError(f"input_ids[{i}] needs {need:,} pool pages for its keys and values, more than the "
-                                 f"pool's {self.pool.n_pages:,}: raise pool_pages or shorten the request")
+                raise ValueError(f"input_ids[{i}] needs {need:,} pool pages for its keys and values (and adapter), "
+                                 f"more than the pool's {self.pool.n_pages:,}: raise pool_pages or shorten it")
             requests.append(_Request(i, list(prompt), name, max_new_tokens))
         return requests
 
-    def _pages_needed(self, prompt_len: int, max_new: int) -> int:
-        return (prompt_len + max_new) * len(self.layers) * self.pages_per_token
+    def kv_pages(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Pool pages the keys and values of one request take at most: every token of its prompt and output, in
+        every layer, ⌈2 · kv_dim / H⌉ pages each."""
+        return (prompt_len + max_new_tokens) * len(self.layers) * self.pages_per_token
 
     def generate(self, input_ids: list[list[int]], adapter_names: list[str | None], max_new_tokens: int
                  ) -> list[list[int]]:
@@ -200,17 +216,23 @@ class Server:
         self.stats.update(seconds=seconds, steps=steps, tokens=tokens, tokens_per_s=tokens / seconds)
         return [done[i] for i in range(len(input_ids))]
 
+    def _reserved(self, running: list[_Request]) -> int:
+        """Pages the running requests' keys and values will still take (allocated as their tokens come)."""
+        return sum(self.kv_pages(len(r.prompt), r.max_new) - r.cached * len(self.layers) * self.pages_per_token
+                   for r in running)
+
     def _fits(self, running: list[_Request], request: _Request) -> bool:
-        reserved = sum(self._pages_needed(len(r.prompt), r.max_new) - r.cached * len(self.layers) *
-                       self.pages_per_token for r in running)
         names = {r.adapter for r in running + [request] if r.adapter is not None}
-        return (self.pool.free_pages - reserved >= self._pages_needed(len(request.prompt), request.max_new)
-                and sum(self.store[n].nbytes for n in names) <= self.cache.budget)
+        if self.cache.max_adapters is not None and len(names) > self.cache.max_adapters:
+            return False
+        need = (self._reserved(running + [request]) +
+                sum(self.cache.pages_of(n) for n in names if n not in self.cache.resident))
+        return need <= self.pool.free_pages + self.cache.evictable_pages(keep=names)
 
     @torch.no_grad()
     def _step(self, batch: list[_Request]) -> list[int]:
         """One forward over every running request's new tokens -> each request's next token (greedy)."""
-        slots = self.cache.fetch([r.adapter for r in batch])
+        slots = self.cache.fetch([r.adapter for r in batch], keep_free=self._reserved(batch))
         self._refresh_stacks()
         new = [r.new_tokens() for r in batch]
         device = self.model.lm_head.weight.device
@@ -230,13 +252,13 @@ class Server:
         cos, sin = inner.rotary_emb(x[None], positions[None])                                     # (1, N, d)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            q, k, v = (self._linear(i, f"self_attn.{p}_proj", h, idx) for p in "qkv")
+            q, k, v = self._linears(i, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h, idx)
             q, k = _rope(q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), cos, sin)
             attn = self._attention(i, layer.self_attn.scaling, plan, q, k.reshape(-1, self.kv_dim), v)
-            x = x + self._linear(i, "self_attn.o_proj", attn, idx)
+            x = x + self._linears(i, ("self_attn.o_proj",), attn, idx)[0]
             h = layer.post_attention_layernorm(x)
-            mlp = layer.mlp.act_fn(self._linear(i, "mlp.gate_proj", h, idx)) * self._linear(i, "mlp.up_proj", h, idx)
-            x = x + self._linear(i, "mlp.down_proj", mlp, idx)
+            gate, up = self._linears(i, ("mlp.gate_proj", "mlp.up_proj"), h, idx)
+            x = x + self._linears(i, ("mlp.down_proj",), layer.mlp.act_fn(gate) * up, idx)[0]
         last = inner.norm(x[ends.to(device)])                                                     # (requests, H)
         for r, n in zip(batch, new):
             r.cached += len(n)
@@ -253,7 +275,7 @@ class Server:
         (their pages gathered into one padded batch, the padding masked)."""
         width, kv = self.pages_per_token * self.hidden, self.kv_dim
         rows = F.pad(torch.cat([k, v], dim=1), (0, width - 2 * kv)).view(-1, self.hidden)     # (N · p, H)
-        self.pool.storage[self._pages_of_layer(plan.new_pages, i)] = rows.to(self.pool.storage.dtype)
+        self.pool.storage.index_copy_(0, self._pages_of_layer(plan.new_pages, i), rows.to(self.pool.storage.dtype))
         out = q.new_empty(q.shape)                                                              # (N, heads, d)
         split = lambda t, heads: t.view(-1, heads, self.head_dim).transpose(0, 1)[None]        # (1, heads, n, d)
         for rows_of in plan.prefill:                       # a whole prompt: causal attention over itself
@@ -262,7 +284,7 @@ class Server:
                 scale=scaling, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
         if plan.decode_rows is not None:                   # one new token each, over all its cached ones
             b, t = plan.decode_pages.shape[:2]
-            cached = self.pool.storage[self._pages_of_layer(plan.decode_pages, i)].view(b, t, width)
+            cached = self.pool.storage.index_select(0, self._pages_of_layer(plan.decode_pages, i)).view(b, t, width)
             keys, values = (cached[..., s].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
                             for s in (slice(0, kv), slice(kv, 2 * kv)))                         # (b, kv_heads, t, d)
             qd = q[plan.decode_rows][:, :, None]                                                # (b, heads, 1, d)

@@ -3,11 +3,14 @@
 
     AdapterStore   adapters by name, read from PEFT-format folders and checked against the base model
                    (``lorabook.lora.read_adapter``: the model is not changed), kept in host memory
-    DeviceCache    the adapters a batch needs, copied to the device under a byte budget; the least recently used
-                   one not needed now is evicted first; loads, hits and evictions counted. Each adapter on the
-                   device has a slot: the index a batch's rows name (``lorabook.serving.batched``)
+    DeviceCache    the adapters a batch needs, copied into pages of the unified pool (``pool``) they share with
+                   the KV cache; the least recently used one not needed now is evicted first, when its pages are
+                   wanted; loads, hits and evictions counted. Each adapter on the device has a slot: the index a
+                   batch's rows name (``lorabook.serving.batched``)
 
-A host adapter: {module path: (A (r, in), B (out, r), scaling)} for the layers it targets, fp32.
+A host adapter: {module path: (A (r, in), B (out, r), scaling)} for the layers it targets, fp32. On the device,
+each row of A and of Bᵀ fills ⌈length / H⌉ pages of H values: a rank-r adapter on q, k, v, o of a layer whose
+projections are at most H wide takes 4r pages for A and 4r for B.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ import torch.nn as nn
 from .._checks import check_int, check_module
 from ..lora import read_adapter
 from ..lora.layer import check_adapter_name
+from .pool import PagedPool, PoolExhausted
 
 __all__ = ["HostAdapter", "AdapterStore", "DeviceCache", "AdapterTooLarge"]
 
 
 class AdapterTooLarge(ValueError):
-    """An adapter (or the set a batch needs) does not fit the device budget."""
+    """An adapter (or the set a batch needs) cannot be on the device: larger than the pool, or more adapters
+    than ``max_adapters``."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class HostAdapter:
     @cached_property
     def nbytes(self) -> int:
         return sum(A.numel() * A.element_size() + B.numel() * B.element_size() for A, B, _ in self.layers.values())
+
+    def pages(self, page_size: int) -> int:
+        """Pages of ``page_size`` values it takes in the pool: a row of A or Bᵀ of length L takes ⌈L / H⌉."""
+        return sum(A.shape[0] * (-(-A.shape[1] // page_size) - (-B.shape[0] // page_size))
+                   for A, B, _ in self.layers.values())
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -82,58 +92,92 @@ class AdapterStore:
 
 
 class DeviceCache:
-    """Adapters on ``device`` under ``budget_bytes``, least recently used evicted first."""
+    """The adapters in use, their weights in pages of ``pool`` (shared with the KV cache: S-LoRA's unified pool);
+    at most ``max_adapters`` at once (vLLM's ``max_loras``; None: as many as the pages allow). The least recently
+    used one not needed now is evicted first, and only when its pages are wanted."""
 
-    def __init__(self, store: AdapterStore, budget_bytes: int, device=None):
+    def __init__(self, store: AdapterStore, pool: PagedPool, max_adapters: int | None = None):
         if not isinstance(store, AdapterStore):
             raise TypeError(f"store must be an AdapterStore, got {type(store).__name__}")
-        self.store, self.budget = store, check_int("budget_bytes", budget_bytes, low=1)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.resident: OrderedDict[str, dict] = OrderedDict()   # name -> device layers, oldest use first
+        if not isinstance(pool, PagedPool):
+            raise TypeError(f"pool must be a PagedPool, got {type(pool).__name__}")
+        self.store, self.pool = store, pool
+        self.max_adapters = None if max_adapters is None else check_int("max_adapters", max_adapters, low=1)
+        self.resident: OrderedDict[str, dict] = OrderedDict()   # name -> {path: (a_pages, b_pages, scaling)}
         self.slots: dict[str, int] = {}
         self.loads = self.hits = self.evictions = 0
         self.version = 0                                        # bumped whenever the resident set changes
 
-    @property
-    def used_bytes(self) -> int:
-        return sum(self.store[name].nbytes for name in self.resident)
+    def pages_of(self, name: str) -> int:
+        """Pool pages adapter ``name`` takes on the device."""
+        return self.store[name].pages(self.pool.page_size)
 
-    def fetch(self, names) -> dict[str, int]:
-        """Make every adapter in ``names`` resident (None entries: no adapter) -> {name: slot}. Checks first: an
-        unknown name or a set larger than the budget raises and changes nothing."""
+    @property
+    def used_pages(self) -> int:
+        return sum(self.pages_of(name) for name in self.resident)
+
+    def evictable_pages(self, keep=()) -> int:
+        """Pages the resident adapters not in ``keep`` hold: free for the taking."""
+        return sum(self.pages_of(n) for n in self.resident if n not in keep)
+
+    def fetch(self, names, keep_free: int = 0) -> dict[str, int]:
+        """Make every adapter in ``names`` resident (None entries: no adapter) -> {name: slot}, leaving at least
+        ``keep_free`` pages free (the KV cache the running requests will still write). Checks first: an unknown
+        name, more adapters than ``max_adapters`` or than the pages can hold raises and changes nothing."""
         wanted = list(dict.fromkeys(n for n in names if n is not None))
-        adapters = [self.store[n] for n in wanted]               # unknown names raise here, before any change
-        for a in adapters:
-            if a.nbytes > self.budget:
-                raise AdapterTooLarge(f"adapter {a.name!r} takes {a.nbytes:,} bytes, more than the device budget "
-                                      f"of {self.budget:,}")
-        need = sum(a.nbytes for a in adapters)
-        if need > self.budget:
-            raise AdapterTooLarge(f"the adapters of this batch take {need:,} bytes together, more than the device "
-                                  f"budget of {self.budget:,}: batch fewer distinct adapters")
-        for a in adapters:
-            if a.name in self.resident:
+        missing = [self.store[n] for n in wanted if n not in self.resident]   # unknown names raise here
+        check_int("keep_free", keep_free, low=0)
+        if self.max_adapters is not None and len(wanted) > self.max_adapters:
+            raise AdapterTooLarge(f"this batch uses {len(wanted)} adapters, more than max_adapters="
+                                  f"{self.max_adapters}: batch fewer distinct adapters")
+        need = sum(a.pages(self.pool.page_size) for a in missing) + keep_free
+        if need > self.pool.free_pages + self.evictable_pages(keep=wanted):
+            raise PoolExhausted(f"the adapters of this batch need {need - keep_free:,} more pages (and "
+                                f"{keep_free:,} stay free for the KV cache): {self.pool.free_pages:,} are free and "
+                                f"{self.evictable_pages(keep=wanted):,} held by idle adapters")
+        for name in wanted:
+            if name in self.resident:
                 self.hits += 1
-                self.resident.move_to_end(a.name)
-                continue
-            while self.used_bytes + a.nbytes > self.budget:
-                victim = next(n for n in self.resident if n not in wanted)   # exists: the wanted set fits
-                self._evict(victim)
-            self.resident[a.name] = {p: (A.to(self.device), B.to(self.device), s) for p, (A, B, s) in a.layers.items()}
-            self.slots[a.name] = min(set(range(len(self.resident))) - set(self.slots.values()))
-            self.loads += 1
-            self.version += 1
+                self.resident.move_to_end(name)
+        for a in missing:
+            while (self.pool.free_pages - keep_free < a.pages(self.pool.page_size) or
+                   self.max_adapters is not None and len(self.resident) >= self.max_adapters):
+                self._evict(next(n for n in self.resident if n not in wanted))   # exists: checked above
+            self._load(a)
+        while self.pool.free_pages < keep_free:                 # idle adapters give their pages to the KV cache
+            self._evict(next(n for n in self.resident if n not in wanted))
         return {n: self.slots[n] for n in wanted}
 
+    def _load(self, adapter: HostAdapter) -> None:
+        """Copy the adapter's rows into pages: row j of A (r, in) takes pages ⌈in / H⌉, of Bᵀ (r, out) ⌈out / H⌉."""
+        H = self.pool.page_size
+        pages = self.pool.allocate(f"adapter {adapter.name}", adapter.pages(H))
+        layers, used = {}, 0
+        for path, (A, B, scaling) in adapter.layers.items():
+            tables = []
+            for rows in (A, B.T):                                       # (r, in), (r, out)
+                per_row = -(-rows.shape[1] // H)
+                table = pages[used:used + rows.shape[0] * per_row]
+                used += len(table)
+                padded = torch.nn.functional.pad(rows, (0, per_row * H - rows.shape[1]))      # (r, per_row · H)
+                self.pool.write(table, padded.reshape(-1, H))
+                tables.append(table.view(rows.shape[0], per_row))
+            layers[path] = (*tables, scaling)
+        self.resident[adapter.name] = layers
+        self.slots[adapter.name] = min(set(range(len(self.resident))) - set(self.slots.values()))
+        self.loads += 1
+        self.version += 1
+
     def _evict(self, name: str) -> None:
+        self.pool.release(f"adapter {name}")
         del self.resident[name]
         del self.slots[name]
         self.evictions += 1
         self.version += 1
 
-    def layer_adapters(self, path: str) -> list:
-        """Slot by slot, (A, B, scaling) of the resident adapter for layer ``path``, None where a slot is empty or
-        its adapter does not target the layer: the input of ``lorabook.serving.stack_adapters``."""
+    def layer_pages(self, path: str) -> list:
+        """Slot by slot, (a_pages, b_pages, scaling) of the resident adapter for layer ``path``, None where a slot
+        is empty or its adapter does not target the layer: the input of ``lorabook.serving.stack_pages``."""
         by_slot = {slot: name for name, slot in self.slots.items()}
         size = max(by_slot, default=-1) + 1
         return [self.resident[by_slot[s]].get(path) if s in by_slot else None for s in range(size)]
