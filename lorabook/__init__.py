@@ -17,7 +17,8 @@ The package, by role (each subpackage's docstring maps its modules)::
     longlora     LongLoRA: S²-Attn (shifted sparse attention), position interpolation, LoRA+ (embeddings, norms)
     longlora_kernel  S²-Attn's memory-lean CPU path: the flash kernel on views, with its own backward
     longdata     long-context data: the passkey task, a long offline text
-    serving/     many adapters on one base (S-LoRA): batched multi-adapter LoRA (gather / segments), the paged pool
+    serving/     many adapters on one base (S-LoRA): batched multi-adapter LoRA, one paged pool for adapters and
+                 KV cache, a continuous-batching Server
     train/       one training loop, checkpoints, torch.distributed, ``python -m lorabook.train``
     experiments/ the sweeps behind the notebooks' tables -> data/
     bench/       ``python -m lorabook.bench NAME``: lorabook vs its peer in the same run

@@ -26,8 +26,11 @@ def test_every_number_of_the_short_answer_comes_from_the_data():
     runs = json.loads((DATA_DIR / "lora_tables.json").read_text())["runs"]
     for run in ("full", "lora-all-r8", "lora-qv-r8", "qlora-qv-r8", "qlora-all-r8", "prefix-p40"):
         assert f"{100 * runs[run]['accuracy_after']:.0f}%" in text
-    assert "vs Full fine-tuning" in text and "lesson 10 is planned" in text
-    assert "](10" not in text  # no links to lessons that do not exist
+    assert "vs Full fine-tuning" in text and "](10_serving_many_adapters.ipynb)" in text
+    serving = json.loads((DATA_DIR / "bench_serving.json").read_text())
+    for r in serving["rows"]:
+        if r["metric"] == "tokens_per_s":
+            assert f"{r['ratio']:.2f}× the tokens/s of {r['peer']}" in text
 
 
 @pytest.fixture

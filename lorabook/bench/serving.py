@@ -14,7 +14,7 @@ tokens, greedy:
 
 Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run, and lorabook's median time from admission
 to a request's first token, ``time_to_first_token``; lorabook and the mixed batch: the median of
-3 interleaved runs, ``paired_ratio`` beside it), lorabook vs each peer, with ``outputs_equal`` (every request's tokens
+5 interleaved runs, ``paired_ratio`` beside it), lorabook vs each peer, with ``outputs_equal`` (every request's tokens
 the same in both); and what zero-padding every adapter to the largest rank
 (vLLM's layout) would cost here: the bytes of the padded stack against the unpadded one (``metric`` bytes), and the
 seconds of the padded gather against lorabook's on one decode step's rows of W_q.
@@ -39,7 +39,7 @@ from ..timing import benchmark
 RANKS, QUICK_RANKS = (4, 8, 16, 32, 64), (2, 4, 8, 16)   # the tiny Llama's k/v are 32 wide
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROMPT, NEW = 16, 16
-ROUNDS = 3   # lorabook and peft's mixed batch, interleaved; the per-request loop runs once
+ROUNDS = 5   # lorabook and peft's mixed batch, interleaved; the per-request loop runs once
 
 
 def make_adapters(base, n: int, root: Path, ranks=RANKS) -> dict[str, Path]:

@@ -15,6 +15,7 @@ Inputs and what the guide takes from each:
     data/lora_table1.json       Table 1: the inference latency overhead of merged / unmerged LoRA and adapters
     data/bench_nf4.json         what QLoRA's 4-bit weights cost in time: (de)quantizing one weight vs bitsandbytes
     data/bench_paged.json       what the paged optimizer costs in time (optional: left out when absent)
+    data/bench_serving.json     lesson 10's serving throughput against peft (optional)
     data/qlora_transfer.json    a QLoRA adapter on the base it was trained on vs on the other base (notebook 07;
                                 optional: left out when absent)
 
@@ -241,6 +242,7 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
     sql, table1, nf4 = read("lora_sql_results.json"), read("lora_table1.json"), read("bench_nf4.json")
     paged = read("bench_paged.json") if (data_dir / "bench_paged.json").is_file() else None
     moved = transfer_rows(read("qlora_transfer.json")) if (data_dir / "qlora_transfer.json").is_file() else []
+    serving = read("bench_serving.json") if (data_dir / "bench_serving.json").is_file() else None
     acc = accuracy_rows(runs, sql)
     by_run = {}
     for rows in acc.values():  # a run in two tables keeps its first (Table 2) label
@@ -325,8 +327,11 @@ def render(data_dir: Path | str = DATA_DIR) -> str:
                      for k in ("adapter_h-m6", "adapter_l-m12", "bitfit", "prefix-p40"))
          + ". The adapters' latency: rule 4.",
          "6. **Measured in their own lessons:** QA-LoRA, a fine-tune whose merged model stays INT-k "
-         "([08](08_qa_lora.ipynb)); LongLoRA, a longer context for little compute ([09](09_longlora.ipynb)). "
-         "**Not measured here yet:** S-LoRA (serving many adapters); lesson 10 is planned.", ""]
+         "([08](08_qa_lora.ipynb)); LongLoRA, a longer context for little compute ([09](09_longlora.ipynb)); "
+         "S-LoRA, many adapters served in one batch over one base ([10](10_serving_many_adapters.ipynb))"
+         + (": " + "; ".join(f"{r['ratio']:.2f}× the tokens/s of {r['peer']}" for r in serving["rows"]
+                            if r["metric"] == "tokens_per_s")
+            + f" ({serving['device']}, `data/bench_serving.json`)" if serving else "") + ".", ""]
 
     L += ["## Accuracy on the SQL task (exact match)", "",
           "From `data/lora_tables.json` and `data/lora_sql_results.json`; the paper's GPT-3 175B numbers are in "

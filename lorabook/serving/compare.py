@@ -14,6 +14,7 @@ with 1, 2, 4, … distinct adapters and times the three.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -46,7 +47,9 @@ def merge_per_adapter(model, prompts: list[list[int]], names: list[str], max_new
             ids = torch.tensor([prompts[i] for i in rows], device=device)
             out.update(zip(rows, _generate(model, ids, max_new_tokens)))
         finally:
-            model.unmerge_adapter()
+            with warnings.catch_warnings():          # layers the adapter does not target: nothing to unmerge
+                warnings.filterwarnings("ignore", message="Already unmerged")
+                model.unmerge_adapter()
             model.set_adapter(previous)
     return [out[i] for i in range(len(prompts))]
 
