@@ -85,6 +85,16 @@ def test_adapters_and_keys_and_values_share_the_pool(folders):
     assert server.pool.used_pages == server.cache.used_pages
 
 
+def test_max_loras_makes_adapters_take_turns(folders):
+    server = Server(tiny_llama(0), max_loras=1)                    # vLLM's max_loras: one adapter at a time
+    for name in ("sql", "mlp"):
+        server.add_adapter(name, folders[name])
+    names, asks = ["sql", "mlp", None, "sql"], prompts(4, seed=5)
+    assert server.generate(asks, names, 4) == [peft_greedy(None if n is None else folders[n], p, 4)
+                                               for p, n in zip(asks, names)]
+    assert len(server.cache.resident) == 1 and server.cache.evictions >= 1
+
+
 def test_bad_requests_are_refused_before_anything_runs(folders):
     server = Server(tiny_llama(0, max_seq_len=32), pool_pages=39)
     server.add_adapter("sql", folders["sql"])                  # 32 pages: 2 layers × (4 rows of A + 4 of B) × 2

@@ -75,7 +75,14 @@ def _check_llama(model: nn.Module) -> None:
 
 
 class Server:
-    """Many adapters, one base model: ``add_adapter(name, peft_folder)``, then ``generate``."""
+    """Many adapters, one base model: ``add_adapter(name, peft_folder)``, then ``generate``.
+
+    max_batch: requests running at once; pool_pages: pages of hidden_size values (model dtype) for the KV cache and
+    the adapters on the device; max_loras: adapters on the device at once (None: as many as the pages hold);
+    max_lora_rank: the highest rank ``add_adapter`` accepts; method: the LoRA batching (``SERVER_METHODS``; "auto":
+    BGMV on the pages when decoding, the gathered stack and ``choose_method`` for prompts). The model is put in
+    eval mode; its weights never change: the adapters stay beside it.
+    """
 
     def __init__(self, model: nn.Module, max_batch: int = 8, pool_pages: int = 2 ** 16,
                  max_loras: int | None = None, max_lora_rank: int = 64, method: str = "auto"):
