@@ -112,6 +112,7 @@ def test_serving_bench_quick_gives_the_same_tokens_three_ways():
     loop, mixed, padded_bytes, padded_seconds = rows
     assert (loop["peer"], mixed["peer"]) == ("per-request loop", "peft mixed batch")
     assert loop["outputs_equal"] and mixed["outputs_equal"]       # every request's tokens the same in all three
+    assert loop["gemm_shrink_outputs_equal"]                      # the compiled shrink and the GEMM one agree
     assert loop["metric"] == mixed["metric"] == "tokens_per_s"
     assert 0 < loop["time_to_first_token"] < loop["seconds"]
     assert padded_bytes["ratio"] < 1                              # ranks 2-16 padded to 16 take more bytes

@@ -90,6 +90,27 @@ def test_the_pages_give_the_same_rows_and_the_same_delta(ranks, slots, page_size
     torch.testing.assert_close(both[1], expected_delta(wide, idx, x, 2 * OUT), rtol=1e-12, atol=1e-12)
 
 
+def test_the_compiled_shrink_equals_the_gemm_shrink_and_the_formula():
+    """shrink="compiled" (torch.compile of shrink_pages, reading the pages in place) against "gemm" and the loop:
+    rows of A over several pages, fused layers, batches of different sizes (one compiled kernel, dynamic shapes)."""
+    adapters, wide = random_adapters([4, 0, 2, 8], 0), random_adapters([1, 3, 0, 5], 1)
+    wide = [None if a is None else (a[0], torch.cat([a[1], a[1]]), a[2]) for a in wide]
+    pool = PagedPool(300, 5, dtype=torch.float64)                  # IN = 12: each row of A takes 3 pages
+    free = iter(torch.randperm(300, generator=torch.Generator().manual_seed(0)).tolist())
+    paged = stack_pages(into_pages(adapters, pool, free), IN, OUT, 5)
+    paged_wide = stack_pages(into_pages(wide, pool, free), IN, 2 * OUT, 5)
+    g = torch.Generator().manual_seed(2)
+    for idx in (torch.tensor([0, -1, 2, 3, 1, 3, 0]), torch.tensor([3, 2]), torch.tensor([-1, 1])):
+        x = torch.randn(len(idx), IN, generator=g, dtype=torch.float64)
+        fast = lora_delta_paged(x, idx, [paged, paged_wide], pool.storage, shrink="compiled")
+        gemm = lora_delta_paged(x, idx, [paged, paged_wide], pool.storage, shrink="gemm")
+        for got, want, adapters_, out in zip(fast, gemm, (adapters, wide), (OUT, 2 * OUT)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got, expected_delta(adapters_, idx, x, out), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shrink"):
+        lora_delta_paged(x, idx, paged, pool.storage, shrink="triton")
+
+
 def test_a_batch_equals_lora_linear_per_request():
     """Against lorabook's LoRALinear: base + delta for each request's rows equals that adapter's own layer."""
     torch.manual_seed(0)

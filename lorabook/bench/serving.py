@@ -5,9 +5,10 @@ with ranks 4, 8, 16, 32, 64 in turn (``--quick``: 2 to 16) on W_q, W_k, W_v, W_o
 training), saved in PEFT's format. 32 requests of 16 prompt tokens (seeded), each with its own adapter, 16 new
 tokens, greedy:
 
-    lorabook          ``lorabook.serving.Server``: every running request in one batch, one GEMM per linear layer
-                      for all rows, the LoRA parts batched (``lora_delta``: dense when decoding, segments for the
-                      prompts), adapters' weights and keys and values in one paged pool
+    lorabook          ``lorabook.serving.Server(compile=True)``: every running request in one batch, one GEMM per
+                      linear layer for all rows, the LoRA parts batched (decoding: BGMV on the pool's pages, its
+                      shrink compiled, ``lora_delta_paged``; prompts: segments), adapters' weights and keys and
+                      values in one paged pool; once more with the shrink not compiled (``gemm_shrink_*``)
     per-request loop  peft: one ``PeftModel`` holding every adapter; per request ``set_adapter`` + ``generate``
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present
@@ -83,9 +84,10 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     kv_dim = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     kv_pages = n * (PROMPT + NEW) * layers * -(-2 * kv_dim // cfg.hidden_size)
     adapter_pages = sum(8 * layers * ranks[i % len(ranks)] for i in range(n))      # 4r for A and 4r for B
-    server = Server(base, max_batch=n, pool_pages=kv_pages + adapter_pages)   # one batch, no waiting
+    server = Server(base, max_batch=n, pool_pages=kv_pages + adapter_pages, compile=True)   # one batch, no waiting
     for name, path in folders.items():
         server.add_adapter(name, path)
+    server.generate(prompts[:2], names[:2], 2)                       # compiles the shrink (not timed)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[names[0]], adapter_name=names[0])
     for name in names[1:]:                                           # peft wraps its own copy of the base
         model.load_adapter(folders[name], adapter_name=name)
@@ -104,6 +106,11 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     t = interleaved({"ours": (None, ours, None), "mixed": (None, mixed, None)}, rounds=rounds, repeat=1, warmup=0,
                     device=dev)
     t_ours, t_mixed = t["ours"].median, t["mixed"].median
+    server.shrink = "gemm"                                           # once more, the shrink not compiled
+    start = time.perf_counter()
+    gemm_equal = server.generate(prompts, names, NEW) == out["ours"]
+    t_gemm = time.perf_counter() - start
+    server.shrink = "compiled"
     start = time.perf_counter()
     loop = []
     for prompt, name in zip(prompts, names):                         # once: it is the slow one
@@ -116,7 +123,8 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
     tokens = sum(map(len, ours))
     case = f"{n} requests over {n} adapters (ranks {ranks[0]}-{ranks[-1]}), {PROMPT} + {NEW} tokens each"
     rows = [row(case, "tokens_per_s", tokens / t_ours, "per-request loop", sum(map(len, loop)) / t_loop,
-                seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop, time_to_first_token=out["ttft"]),
+                seconds=t_ours, peer_seconds=t_loop, outputs_equal=ours == loop, time_to_first_token=out["ttft"],
+                gemm_shrink_tokens_per_s=tokens / t_gemm, gemm_shrink_outputs_equal=gemm_equal),
             row(case, "tokens_per_s", tokens / t_ours, "peft mixed batch", sum(map(len, mixed)) / t_mixed,
                 seconds=t_ours, peer_seconds=t_mixed, outputs_equal=ours == mixed,
                 paired_ratio=1 / paired_ratio(t["ours"], t["mixed"], 1))]

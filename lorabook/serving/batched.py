@@ -41,7 +41,7 @@ from .._checks import bad_choice, check_int
 __all__ = ["LoRAStack", "stack_adapters", "PagedStack", "stack_pages", "lora_delta_paged", "paged_method",
            "lora_delta", "choose_method", "lora_delta_loop", "lora_delta_segments", "lora_delta_gather",
            "lora_delta_dense", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS", "SHRINK_BLOCK",
-           "DENSE_WORK"]
+           "DENSE_WORK", "SHRINKS", "shrink_pages"]
 
 METHODS = ("auto", "dense", "gather", "segments", "padded", "loop")
 DENSE_WORK = 64 * 1024   # "auto": dense while rows × Σr is at most this (32 rows over ranks 4-64 of 32 adapters: 25k)
@@ -144,7 +144,7 @@ def stack_pages(adapters: list, in_features: int, out_features: int, page_size: 
     a = torch.cat(a_pages) if a_pages else empty[0]
     b = torch.cat(b_pages) if b_pages else empty[1]
     return PagedStack(a.to(device), b.to(device), in_features, out_features,
-                      *_layout(ranks, scalings, torch.float32, device))
+                      *_layout(ranks, scalings, torch.float64, device))   # cast to the pool's dtype at use
 
 
 def _check(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> None:
@@ -257,23 +257,51 @@ def lora_delta_padded(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack, padd
     return out.index_add_(0, rows, y * stack.scalings[a][:, None])
 
 
-def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.Tensor):
+SHRINKS = ("gemm", "compiled")   # lora_delta_paged's shrink: gathered rows + GEMMs, or one compiled gather-dot
+
+
+def shrink_pages(storage: torch.Tensor, a_pages: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """u_j = A[row j] · x[rows[j]] for each of M pairs, A's row read from its pages (a_pages (M, ⌈in / H⌉)): (M,).
+    The formula; ``torch.compile`` makes it one loop reading the pages in place (``shrink="compiled"``)."""
+    A = storage[a_pages].flatten(1)[:, :in_features]                                      # (M, in)
+    return (A * x[rows]).sum(-1)
+
+
+_COMPILED = {}
+
+
+def _compiled_shrink():
+    if "shrink" not in _COMPILED:                     # compiled once per process, on first use (seconds)
+        _COMPILED["shrink"] = torch.compile(shrink_pages, dynamic=True)
+    return _COMPILED["shrink"]
+
+
+def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.Tensor, shrink: str = "gemm"):
     """BGMV straight from the pool's pages (punica's shrink and expand), nothing padded: (N, in) -> (N, out).
 
-    Shrink: the M = Σ_i r_idx[i] rows of A the batch uses are gathered, (M, in) (a row's are consecutive), and
-    u_j = s · A[row j] · x[i_j] comes from GEMMs of ``SHRINK_BLOCK`` rows of x against their own rows' pairs.
-    Expand: ``embedding_bag`` sums each row's pages of Bᵀ where they lie, weighted by u: y[i] = Σ_j u_j Bᵀ[row j].
-    ``stacks`` may be a list of layers that read the same x (W_q, W_k, W_v): one gather for all of them, and a
-    list of outputs."""
+    Shrink, u_j = s · A[row j] · x[i_j] for the M = Σ_i r_idx[i] rank rows of the batch (a row's are consecutive):
+    "gemm" gathers those rows of A, (M, in), and multiplies ``SHRINK_BLOCK`` rows of x at a time against their own
+    pairs; "compiled" runs ``shrink_pages`` compiled, which reads A's pages where they lie (equal, proven in the
+    tests; the first call compiles). Expand: ``embedding_bag`` sums each row's pages of Bᵀ where they lie,
+    weighted by u: y[i] = Σ_j u_j Bᵀ[row j]. ``stacks`` may be a list of layers that read the same x (W_q, W_k,
+    W_v): one shrink call for all of them, and a list of outputs."""
+    if shrink not in SHRINKS:
+        raise bad_choice("shrink", shrink, SHRINKS)
     single = isinstance(stacks, PagedStack)
     stacks = [stacks] if single else list(stacks)
     if x.dim() != 2 or any(x.shape[1] != p.in_features for p in stacks):
         raise ValueError(f"x must be (rows, in_features={stacks[0].in_features}), got {tuple(x.shape)}")
     pairs = [_ragged(idx, p) for p in stacks]                                  # [(rows (M,), stack rows (M,))]
-    pages = torch.cat([p.a_pages[t].reshape(-1) for p, (_, t) in zip(stacks, pairs)])
-    per_row = stacks[0].a_pages.shape[1] * storage.shape[1]                   # ⌈in / H⌉ pages of H
-    A = storage.index_select(0, pages).view(-1, per_row)[:, :x.shape[1]]    # (ΣM, in) gathered
-    x, outs, col = x.to(storage.dtype), [], 0
+    pages = torch.cat([p.a_pages[t] for p, (_, t) in zip(stacks, pairs)])     # (ΣM, ⌈in / H⌉)
+    x = x.to(storage.dtype)
+    if shrink == "compiled":
+        rows_all = torch.cat([rows for rows, _ in pairs])
+        u_all = _compiled_shrink()(storage, pages, x, rows_all, x.shape[1]) if len(rows_all) else None
+    else:
+        per_row = pages.shape[1] * storage.shape[1]                            # ⌈in / H⌉ pages of H
+        A = storage.index_select(0, pages.reshape(-1)).view(len(pages), per_row)[:, :x.shape[1]]   # (ΣM, in)
+    outs, col = [], 0
     for p, (rows, table_rows) in zip(stacks, pairs):
         M = len(rows)
         if M == 0:                                                             # no row's adapter targets it
@@ -281,14 +309,17 @@ def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.
             continue
         r = torch.where(idx >= 0, p.ranks[idx.clamp(min=0)], 0)               # (N,) pairs per row
         starts = torch.cumsum(r, 0) - r                                        # each row's first pair
-        bounds = starts.tolist() + [M]
-        u = x.new_empty(M)
-        for lo in range(0, x.shape[0], SHRINK_BLOCK):     # a block of rows against its own pairs only
-            hi = min(lo + SHRINK_BLOCK, x.shape[0])
-            p0, p1 = bounds[lo], bounds[hi]
-            if p1 > p0:
-                h = x[lo:hi] @ A[col + p0:col + p1].T                          # (rows, pairs)
-                u[p0:p1] = h[rows[p0:p1] - lo, torch.arange(p1 - p0, device=idx.device)]
+        if shrink == "compiled":
+            u = u_all[col:col + M]
+        else:
+            bounds = starts.tolist() + [M]
+            u = x.new_empty(M)
+            for lo in range(0, x.shape[0], SHRINK_BLOCK):  # a block of rows against its own pairs only
+                hi = min(lo + SHRINK_BLOCK, x.shape[0])
+                p0, p1 = bounds[lo], bounds[hi]
+                if p1 > p0:
+                    h = x[lo:hi] @ A[col + p0:col + p1].T                      # (rows, pairs)
+                    u[p0:p1] = h[rows[p0:p1] - lo, torch.arange(p1 - p0, device=idx.device)]
         col += M
         u = u * p.scalings.to(storage.dtype)[idx[rows]]                        # (M,) shrink: s · A x
         expand = [F.embedding_bag(p.b_pages[table_rows, c], storage, starts, mode="sum", per_sample_weights=u)

@@ -80,17 +80,22 @@ class Server:
     max_batch: requests running at once; pool_pages: pages of hidden_size values (model dtype) for the KV cache and
     the adapters on the device; max_loras: adapters on the device at once (None: as many as the pages hold);
     max_lora_rank: the highest rank ``add_adapter`` accepts; method: the LoRA batching (``SERVER_METHODS``; "auto":
-    BGMV on the pages when decoding, the gathered stack and ``choose_method`` for prompts). The model is put in
-    eval mode; its weights never change: the adapters stay beside it.
+    BGMV on the pages when decoding, the gathered stack and ``choose_method`` for prompts); compile: BGMV's shrink
+    as one compiled gather-dot that reads the pages in place (``torch.compile``: the first decode step compiles
+    it, seconds). The model is put in eval mode; its weights never change: the adapters stay beside it.
     """
 
     def __init__(self, model: nn.Module, max_batch: int = 8, pool_pages: int = 2 ** 16,
-                 max_loras: int | None = None, max_lora_rank: int = 64, method: str = "auto"):
+                 max_loras: int | None = None, max_lora_rank: int = 64, method: str = "auto",
+                 compile: bool = False):
         check_module("model", model)
         _check_llama(model)
         self.model = model.eval()
         self.max_batch = check_int("max_batch", max_batch, low=1)
         self.method = check_choice("method", method, SERVER_METHODS)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        self.shrink = "compiled" if compile else "gemm"
         self.max_lora_rank = check_int("max_lora_rank", max_lora_rank, low=1)
         cfg = model.config
         self.layers = model.model.layers
@@ -153,7 +158,7 @@ class Server:
         todo = [k for k, p in enumerate(paged) if p is not None and idx is not None]
         methods = {paged_method(idx, paged[k]) if self.method == "auto" else self.method for k in todo}
         if methods == {"paged"}:                                                  # read the pages in place
-            deltas = lora_delta_paged(x, idx, [paged[k] for k in todo], self.pool.storage)
+            deltas = lora_delta_paged(x, idx, [paged[k] for k in todo], self.pool.storage, self.shrink)
         else:                                                                     # the rows, out of their pages
             deltas = [lora_delta(x.to(self.pool.storage.dtype), idx, paged[k].gather(self.pool.storage),
                                  "auto" if self.method in ("auto", "paged") else self.method) for k in todo]
