@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from lorabook.lora import LoRALinear
 from lorabook.serving import (DENSE_WORK, METHODS, PagedPool, choose_method, lora_delta, lora_delta_dense,
                               lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_paged,
-                              lora_delta_segments, pad_stack, stack_adapters, stack_pages)
+                              lora_delta_segments, pad_stack, ragged_pairs, stack_adapters, stack_pages)
 
 IN, OUT = 12, 10
 
@@ -88,6 +88,29 @@ def test_the_pages_give_the_same_rows_and_the_same_delta(ranks, slots, page_size
     both = lora_delta_paged(x, idx, [paged, paged_wide], pool.storage)
     torch.testing.assert_close(both[0], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both[1], expected_delta(wide, idx, x, 2 * OUT), rtol=1e-12, atol=1e-12)
+    pairs = [ragged_pairs(idx, p, torch.float64) for p in (paged, paged_wide)]         # computed once, passed in
+    for got, want in zip(lora_delta_paged(x, idx, [paged, paged_wide], pool.storage, pairs=pairs), both):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pages", ["one run each", "scattered"])
+def test_an_adapters_rows_read_in_place_when_its_pages_are_one_run(pages):
+    """PagedStack.rows(storage, slot): adapter slot's A, Bᵀ and scaling -- views of the pool (no copy) when its
+    pages are consecutive, as the device cache lays a fresh adapter out, else gathered; equal either way."""
+    adapters = random_adapters([4, 0, 2, 8], 3)
+    pool = PagedPool(300, 5, dtype=torch.float64)                  # IN = 12, OUT = 10: 3 and 2 pages per row
+    order = range(300) if pages == "one run each" else torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    paged = stack_pages(into_pages(adapters, pool, iter(list(order))), IN, OUT, 5)
+    assert (paged.runs[0] is not None) == (pages == "one run each") and paged.runs[1] is None   # slot 1: rank 0
+    for slot, adapter in enumerate(adapters):
+        A, Bt, scaling = paged.rows(pool.storage, slot)
+        if adapter is None:
+            assert A.shape == (0, IN) and Bt.shape == (0, OUT)
+            continue
+        torch.testing.assert_close(A, adapter[0], rtol=0, atol=0)
+        torch.testing.assert_close(Bt, adapter[1].T, rtol=0, atol=0)
+        assert scaling == adapter[2]
+        assert (A.data_ptr() - pool.storage.data_ptr() in range(pool.storage.numel() * 8)) == (pages == "one run each")
 
 
 def test_the_compiled_shrink_equals_the_gemm_shrink_and_the_formula():

@@ -7,8 +7,9 @@ tokens, greedy:
 
     lorabook          ``lorabook.serving.Server(compile=True)``: every running request in one batch, one GEMM per
                       linear layer for all rows, the LoRA parts batched (decoding: BGMV on the pool's pages, its
-                      shrink compiled, ``lora_delta_paged``; prompts: segments), adapters' weights and keys and
-                      values in one paged pool; once more with the shrink not compiled (``gemm_shrink_*``)
+                      shrink compiled, ``lora_delta_paged``; prompts: SGMV on their adapters' rows in place),
+                      adapters' weights and keys and values in one paged pool; once more with the shrink not
+                      compiled (``gemm_shrink_*``)
     per-request loop  peft: one ``PeftModel`` holding every adapter; per request ``set_adapter`` + ``generate``
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present

@@ -14,7 +14,7 @@ https://arxiv.org/abs/2311.03285; punica's BGMV / SGMV, Chen et al. 2023, https:
 """
 from .batched import (DENSE_WORK, METHODS, SEGMENT_ROWS, LoRAStack, PagedStack, choose_method, lora_delta,
                       lora_delta_dense, lora_delta_gather, lora_delta_loop, lora_delta_padded, lora_delta_paged,
-                      lora_delta_segments, pad_stack, paged_method, shrink_pages, stack_adapters, stack_pages)
+                      lora_delta_segments, pad_stack, Pairs, ragged_pairs, shrink_pages, stack_adapters, stack_pages)
 from .pool import ContiguousAllocator, PagedPool, PoolExhausted
 from .server import LINEARS, SERVER_METHODS, Server
 from .store import AdapterStore, AdapterTooLarge, DeviceCache, HostAdapter
@@ -22,6 +22,6 @@ from .trace import TraceRequest, request_trace, simulate
 
 __all__ = ["DENSE_WORK", "METHODS", "SEGMENT_ROWS", "LoRAStack", "PagedStack", "choose_method", "lora_delta",
            "lora_delta_dense", "lora_delta_gather", "lora_delta_loop", "lora_delta_padded", "lora_delta_paged",
-           "lora_delta_segments", "pad_stack", "paged_method", "shrink_pages", "stack_adapters", "stack_pages",
+           "lora_delta_segments", "pad_stack", "Pairs", "ragged_pairs", "shrink_pages", "stack_adapters", "stack_pages",
            "ContiguousAllocator", "PagedPool", "PoolExhausted", "AdapterStore", "AdapterTooLarge", "DeviceCache",
            "HostAdapter", "Server", "LINEARS", "SERVER_METHODS", "TraceRequest", "request_trace", "simulate"]

@@ -27,7 +27,8 @@ An adapter that does not target this layer has rank 0 here. Shapes: x (N, in) ro
 In a server the rows live in pages of the unified pool (``pool``): a ``PagedStack`` holds their page ids instead,
 ``PagedStack.gather`` copies them out into a ``LoRAStack``, and ``lora_delta_paged`` computes BGMV on the pages
 themselves (the rows of A a batch uses gathered, Bᵀ's summed where they lie by ``embedding_bag``): a sixth way,
-equal to the others in the tests, what the server runs when decoding (``paged_method``).
+equal to the others in the tests, what the server runs for its decoding rows. A batch's ``Pairs`` (row, stack row)
+depend only on the stack's layout: one set serves every layer with that layout.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from .._checks import bad_choice, check_int
 
-__all__ = ["LoRAStack", "stack_adapters", "PagedStack", "stack_pages", "lora_delta_paged", "paged_method",
+__all__ = ["LoRAStack", "stack_adapters", "PagedStack", "stack_pages", "Pairs", "ragged_pairs", "lora_delta_paged",
            "lora_delta", "choose_method", "lora_delta_loop", "lora_delta_segments", "lora_delta_gather",
            "lora_delta_dense", "lora_delta_padded", "pad_stack", "METHODS", "SEGMENT_ROWS", "SHRINK_BLOCK",
            "DENSE_WORK", "SHRINKS", "shrink_pages"]
@@ -106,7 +107,7 @@ def _layout(ranks: list[int], scalings: list[float], dtype, device) -> tuple:
 class PagedStack:
     """A ``LoRAStack`` whose rows live in pages of a pool (S-LoRA's unified pool): row j of A is the pages
     ``a_pages[j]`` one after another, cut to ``in_features``; Bᵀ's likewise. ``gather(storage)`` copies the rows
-    out for the matmuls -- a temporary, where S-LoRA's kernels read the pages in place."""
+    out for the matmuls; ``rows(storage, slot)`` gives one adapter's, read in place when its pages are one run."""
     a_pages: torch.Tensor    # (R, ⌈in / H⌉) int64 page ids
     b_pages: torch.Tensor    # (R, ⌈out / H⌉)
     in_features: int
@@ -115,21 +116,37 @@ class PagedStack:
     ranks: torch.Tensor
     scalings: torch.Tensor
     column_scales: torch.Tensor
+    layout: tuple = ()       # ((offset, rank, scaling) per slot): stacks with equal layouts have equal pairs
+    runs: tuple = ()         # per slot: (first page of A's rows, of Bᵀ's rows) if each is one run of pages, else None
 
     def gather(self, storage: torch.Tensor) -> LoRAStack:
         """storage (n_pages, H) -> the ``LoRAStack`` these pages hold (A (R, in), Bt (R, out))."""
-        (R, pa), pb, H = self.a_pages.shape, self.b_pages.shape[1], storage.shape[1]
-        A = storage.index_select(0, self.a_pages.reshape(-1)).view(R, pa * H)[:, :self.in_features]
-        Bt = storage.index_select(0, self.b_pages.reshape(-1)).view(R, pb * H)[:, :self.out_features]
-        return LoRAStack(A, Bt, self.offsets, self.ranks, self.scalings.to(storage.dtype),
+        return LoRAStack(_read(storage, self.a_pages, self.in_features), _read(storage, self.b_pages,
+                         self.out_features), self.offsets, self.ranks, self.scalings.to(storage.dtype),
                          self.column_scales.to(storage.dtype))
+
+    def rows(self, storage: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Adapter ``slot``'s A (r, in), Bᵀ (r, out) and scaling: views of the pages when they are one run each
+        (no copy: how a fresh adapter is laid out, ``DeviceCache``), else gathered."""
+        lo, r, scaling = self.layout[slot]
+        pages = self.a_pages[lo:lo + r], self.b_pages[lo:lo + r]                  # (r, ⌈in / H⌉), (r, ⌈out / H⌉)
+        if self.runs[slot] is None:
+            return _read(storage, pages[0], self.in_features), _read(storage, pages[1], self.out_features), scaling
+        A, Bt = (storage[first:first + p.numel()].view(r, -1) for first, p in zip(self.runs[slot], pages))
+        return A[:, :self.in_features], Bt[:, :self.out_features], scaling   # (r, ⌈in / H⌉ · H) cut to in
+
+
+def _read(storage: torch.Tensor, pages: torch.Tensor, width: int) -> torch.Tensor:
+    """The rows these pages hold, (rows, ⌈width / H⌉) page ids -> (rows, width), copied out."""
+    rows, per_row = pages.shape
+    return storage.index_select(0, pages.reshape(-1)).view(rows, per_row * storage.shape[1])[:, :width]
 
 
 def stack_pages(adapters: list, in_features: int, out_features: int, page_size: int, device=None) -> PagedStack:
     """[(a_pages (r, ⌈in/H⌉), b_pages (r, ⌈out/H⌉), scaling) or None per adapter slot] -> ``PagedStack``."""
     check_int("page_size", page_size, low=1)
     shapes = (-(-in_features // page_size), -(-out_features // page_size))
-    a_pages, b_pages, ranks, scalings = [], [], [], []
+    a_pages, b_pages, ranks, scalings, runs = [], [], [], [], []
     for slot, adapter in enumerate(adapters):
         a, b, scaling = adapter if adapter is not None else (None, None, 0.0)
         if a is not None and (a.dim() != 2 or a.shape[1] != shapes[0] or b.shape != (a.shape[0], shapes[1])):
@@ -140,11 +157,23 @@ def stack_pages(adapters: list, in_features: int, out_features: int, page_size: 
         b_pages += [] if b is None else [b]
         ranks.append(0 if a is None else a.shape[0])
         scalings.append(float(scaling))
+        firsts = [] if a is None else [_run(p) for p in (a, b)]
+        runs.append(tuple(firsts) if firsts and None not in firsts else None)
     empty = torch.zeros(0, shapes[0], dtype=torch.int64), torch.zeros(0, shapes[1], dtype=torch.int64)
     a = torch.cat(a_pages) if a_pages else empty[0]
     b = torch.cat(b_pages) if b_pages else empty[1]
+    offsets = (torch.cumsum(torch.tensor(ranks, dtype=torch.int64), 0) - torch.tensor(ranks)).tolist()
     return PagedStack(a.to(device), b.to(device), in_features, out_features,
-                      *_layout(ranks, scalings, torch.float64, device))   # cast to the pool's dtype at use
+                      *_layout(ranks, scalings, torch.float64, device),   # cast to the pool's dtype at use
+                      layout=tuple(zip(offsets, ranks, scalings)), runs=tuple(runs))
+
+
+def _run(pages: torch.Tensor) -> int | None:
+    """The first page id if these pages, row after row, are consecutive ids, else None."""
+    flat = pages.reshape(-1)
+    if len(flat) == 0 or not torch.equal(flat, flat[0] + torch.arange(len(flat), device=flat.device)):
+        return None
+    return int(flat[0])
 
 
 def _check(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> None:
@@ -188,21 +217,34 @@ def lora_delta_segments(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) ->
     return out
 
 
-def _ragged(idx: torch.Tensor, stack: LoRAStack) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, stack row) for every rank row of every row's adapter: M = Σ_i r_idx[i] pairs, no padding."""
-    has = idx >= 0
-    r = torch.where(has, stack.ranks[idx.clamp(min=0)], 0)        # (N,) the rank of each row's adapter
+@dataclass(frozen=True)
+class Pairs:
+    """The M = Σ_i r_idx[i] (row, stack row) pairs of a batch, no padding: what BGMV's shrink and expand run over.
+    They depend only on idx and the stack's layout (offsets, ranks, scalings): one set serves every layer whose
+    stack has the same layout (a server computes them once per step, ``Server``)."""
+    rows: torch.Tensor        # (M,) the batch row of each pair (a row's pairs are consecutive)
+    table_rows: torch.Tensor  # (M,) the stack row (of A and Bᵀ) of each pair
+    starts: torch.Tensor      # (N,) each batch row's first pair
+    weights: torch.Tensor     # (M,) the scaling s of each pair's adapter
+
+
+def ragged_pairs(idx: torch.Tensor, stack, dtype=None) -> Pairs:
+    """``Pairs`` of rows idx (N,) on a ``LoRAStack`` or ``PagedStack``: row i's r_idx[i] rank rows, in order
+    (weights in ``dtype``, else the stack's scalings' dtype)."""
+    r = torch.where(idx >= 0, stack.ranks[idx.clamp(min=0)], 0)                           # (N,) each row's rank
+    starts = torch.cumsum(r, 0) - r
     rows = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), r)           # (M,)
-    first = torch.repeat_interleave(stack.offsets[idx.clamp(min=0)] - (torch.cumsum(r, 0) - r), r)
-    return rows, first + torch.arange(len(rows), device=idx.device)                       # (M,), (M,)
+    first = torch.repeat_interleave(stack.offsets[idx.clamp(min=0)] - starts, r)
+    return Pairs(rows, first + torch.arange(len(rows), device=idx.device), starts,
+                 stack.scalings[idx[rows]].to(dtype or stack.scalings.dtype))
 
 
 def lora_delta_gather(x: torch.Tensor, idx: torch.Tensor, stack: LoRAStack) -> torch.Tensor:
     """BGMV without padding: u_j = s · A[row j] · x[i_j] for each of the M rank rows, then y[i] += Σ_j u_j Bt[row j]."""
     _check(x, idx, stack)
-    rows, table_rows = _ragged(idx, stack)
-    u = (x.to(stack.A.dtype)[rows] * stack.A[table_rows]).sum(-1)       # (M,) = (M, in) · (M, in)
-    u = u * stack.scalings[idx[rows]]
+    pairs = ragged_pairs(idx, stack)
+    rows, table_rows = pairs.rows, pairs.table_rows
+    u = (x.to(stack.A.dtype)[rows] * stack.A[table_rows]).sum(-1) * pairs.weights   # (M,) = (M, in) · (M, in)
     out = x.new_zeros(x.shape[0], stack.Bt.shape[1], dtype=stack.A.dtype)
     return out.index_add_(0, rows, u[:, None] * stack.Bt[table_rows])   # (N, out) += (M, 1) · (M, out)
 
@@ -261,11 +303,11 @@ SHRINKS = ("gemm", "compiled")   # lora_delta_paged's shrink: gathered rows + GE
 
 
 def shrink_pages(storage: torch.Tensor, a_pages: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
-                 in_features: int) -> torch.Tensor:
-    """u_j = A[row j] · x[rows[j]] for each of M pairs, A's row read from its pages (a_pages (M, ⌈in / H⌉)): (M,).
-    The formula; ``torch.compile`` makes it one loop reading the pages in place (``shrink="compiled"``)."""
+                 in_features: int, weights: torch.Tensor) -> torch.Tensor:
+    """u_j = s_j · A[row j] · x[rows[j]] for each of M pairs, A's row read from its pages (a_pages (M, ⌈in / H⌉)),
+    s_j = weights[j]: (M,). The formula; ``torch.compile`` makes it one loop reading the pages in place."""
     A = storage[a_pages].flatten(1)[:, :in_features]                                      # (M, in)
-    return (A * x[rows]).sum(-1)
+    return (A * x[rows]).sum(-1) * weights
 
 
 _COMPILED = {}
@@ -277,62 +319,55 @@ def _compiled_shrink():
     return _COMPILED["shrink"]
 
 
-def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.Tensor, shrink: str = "gemm"):
+def lora_delta_paged(x: torch.Tensor, idx: torch.Tensor, stacks, storage: torch.Tensor, shrink: str = "gemm",
+                     pairs: list | None = None):
     """BGMV straight from the pool's pages (punica's shrink and expand), nothing padded: (N, in) -> (N, out).
 
-    Shrink, u_j = s · A[row j] · x[i_j] for the M = Σ_i r_idx[i] rank rows of the batch (a row's are consecutive):
+    Shrink, u_j = s · A[row j] · x[i_j] for the M = Σ_i r_idx[i] rank rows of the batch (``ragged_pairs``):
     "gemm" gathers those rows of A, (M, in), and multiplies ``SHRINK_BLOCK`` rows of x at a time against their own
     pairs; "compiled" runs ``shrink_pages`` compiled, which reads A's pages where they lie (equal, proven in the
     tests; the first call compiles). Expand: ``embedding_bag`` sums each row's pages of Bᵀ where they lie,
     weighted by u: y[i] = Σ_j u_j Bᵀ[row j]. ``stacks`` may be a list of layers that read the same x (W_q, W_k,
-    W_v): one shrink call for all of them, and a list of outputs."""
+    W_v): one shrink call for all of them, and a list of outputs. ``pairs``: each stack's ``ragged_pairs``
+    (weights in the pool's dtype), when the caller has them already."""
     if shrink not in SHRINKS:
         raise bad_choice("shrink", shrink, SHRINKS)
     single = isinstance(stacks, PagedStack)
     stacks = [stacks] if single else list(stacks)
     if x.dim() != 2 or any(x.shape[1] != p.in_features for p in stacks):
         raise ValueError(f"x must be (rows, in_features={stacks[0].in_features}), got {tuple(x.shape)}")
-    pairs = [_ragged(idx, p) for p in stacks]                                  # [(rows (M,), stack rows (M,))]
-    pages = torch.cat([p.a_pages[t] for p, (_, t) in zip(stacks, pairs)])     # (ΣM, ⌈in / H⌉)
+    pairs = pairs or [ragged_pairs(idx, p, storage.dtype) for p in stacks]
+    pages = torch.cat([p.a_pages[q.table_rows] for p, q in zip(stacks, pairs)])   # (ΣM, ⌈in / H⌉)
     x = x.to(storage.dtype)
     if shrink == "compiled":
-        rows_all = torch.cat([rows for rows, _ in pairs])
-        u_all = _compiled_shrink()(storage, pages, x, rows_all, x.shape[1]) if len(rows_all) else None
+        rows_all, weights_all = (torch.cat([getattr(q, f) for q in pairs]) for f in ("rows", "weights"))
+        u_all = _compiled_shrink()(storage, pages, x, rows_all, x.shape[1], weights_all) if len(pages) else None
     else:
         per_row = pages.shape[1] * storage.shape[1]                            # ⌈in / H⌉ pages of H
         A = storage.index_select(0, pages.reshape(-1)).view(len(pages), per_row)[:, :x.shape[1]]   # (ΣM, in)
     outs, col = [], 0
-    for p, (rows, table_rows) in zip(stacks, pairs):
-        M = len(rows)
+    for p, q in zip(stacks, pairs):
+        M = len(q.rows)
         if M == 0:                                                             # no row's adapter targets it
             outs.append(storage.new_zeros(x.shape[0], p.out_features))
             continue
-        r = torch.where(idx >= 0, p.ranks[idx.clamp(min=0)], 0)               # (N,) pairs per row
-        starts = torch.cumsum(r, 0) - r                                        # each row's first pair
         if shrink == "compiled":
-            u = u_all[col:col + M]
+            u = u_all[col:col + M]                                             # (M,) s · A x
         else:
-            bounds = starts.tolist() + [M]
+            bounds = q.starts.tolist() + [M]
             u = x.new_empty(M)
             for lo in range(0, x.shape[0], SHRINK_BLOCK):  # a block of rows against its own pairs only
                 hi = min(lo + SHRINK_BLOCK, x.shape[0])
                 p0, p1 = bounds[lo], bounds[hi]
                 if p1 > p0:
                     h = x[lo:hi] @ A[col + p0:col + p1].T                      # (rows, pairs)
-                    u[p0:p1] = h[rows[p0:p1] - lo, torch.arange(p1 - p0, device=idx.device)]
+                    u[p0:p1] = h[q.rows[p0:p1] - lo, torch.arange(p1 - p0, device=idx.device)]
+            u = u * q.weights                                                  # (M,) s · A x
         col += M
-        u = u * p.scalings.to(storage.dtype)[idx[rows]]                        # (M,) shrink: s · A x
-        expand = [F.embedding_bag(p.b_pages[table_rows, c], storage, starts, mode="sum", per_sample_weights=u)
+        expand = [F.embedding_bag(p.b_pages[q.table_rows, c], storage, q.starts, mode="sum", per_sample_weights=u)
                   for c in range(p.b_pages.shape[1])]                          # (N, H) per page column
         outs.append((expand[0] if len(expand) == 1 else torch.cat(expand, dim=1))[:, :p.out_features])
     return outs[0] if single else outs
-
-
-def paged_method(idx: torch.Tensor, paged: PagedStack) -> str:
-    """"paged" (``lora_delta_paged``) when the batch's rank rows are no more than the stack's (it gathers M rows of
-    A, fewer than the whole stack: decoding), else "stack": gather the stack once and let ``choose_method`` pick."""
-    r = torch.where(idx >= 0, paged.ranks[idx.clamp(min=0)], 0)
-    return "paged" if int(r.sum()) <= paged.a_pages.shape[0] else "stack"
 
 
 def choose_method(idx: torch.Tensor, stack: LoRAStack) -> str:

@@ -8,8 +8,9 @@ that has just been admitted (prefill), one token for the others (decode). Every 
 
 Keys and values and the adapters' weights share one paged pool (``pool``, S-LoRA's unified pool): for every token
 and layer, [k | v] in ⌈2 · kv_dim / H⌉ pages of H values, wherever free pages are; an adapter's rows of A and Bᵀ
-likewise (``store.DeviceCache``). Decoding, the LoRA parts read the pages (``lora_delta_paged``: A's rows gathered,
-Bᵀ's summed in place); for prompts, each layer's adapters are gathered out of their pages into one stack first.
+likewise (``store.DeviceCache``). The decoding rows' LoRA parts read the pages (``lora_delta_paged``, BGMV: A's rows
+dotted and Bᵀ's summed where they lie; the rows' pairs computed once per step for every layer of the same layout); a
+prompt's, two matmuls on its adapter's rows (SGMV, ``PagedStack.rows``: views of the pages when they are one run).
 A prompt attends causally to itself; the decoding rows attend together, each to its own cached tokens (their pages
 gathered into one padded batch, the padding masked). A request is admitted (first come, first served) when the
 pool can hold the keys and values of its prompt and all of its new tokens next to those of the running requests,
@@ -30,13 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_int, check_module
-from .batched import METHODS, lora_delta, lora_delta_paged, paged_method, stack_pages
+from .batched import METHODS, lora_delta, lora_delta_paged, ragged_pairs, stack_pages
 from .pool import PagedPool
 from .store import AdapterStore, AdapterTooLarge, DeviceCache
 
 __all__ = ["Server", "LINEARS", "SERVER_METHODS"]
 
-SERVER_METHODS = ("auto", "paged") + METHODS[1:]   # "paged": BGMV on the pages; the others on the gathered stack
+SERVER_METHODS = ("auto", "paged") + METHODS[1:]   # "paged": BGMV on the pages for every row (prompts too); the
+#                                                    others: ``lora_delta`` on the stack gathered out of the pages
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")   # the linear layers of a decoder layer an adapter may target
 
@@ -80,7 +82,7 @@ class Server:
     max_batch: requests running at once; pool_pages: pages of hidden_size values (model dtype) for the KV cache and
     the adapters on the device; max_loras: adapters on the device at once (None: as many as the pages hold);
     max_lora_rank: the highest rank ``add_adapter`` accepts; method: the LoRA batching (``SERVER_METHODS``; "auto":
-    BGMV on the pages when decoding, the gathered stack and ``choose_method`` for prompts); compile: BGMV's shrink
+    BGMV on the pages for the decoding rows, SGMV on each prompt's adapter rows); compile: BGMV's shrink
     as one compiled gather-dot that reads the pages in place (``torch.compile``: the first decode step compiles
     it, seconds). The model is put in eval mode; its weights never change: the adapters stay beside it.
     """
@@ -150,20 +152,33 @@ class Server:
                                       if any(a is not None for a in adapters) else None)
         self._stacks_version = self.cache.version
 
-    def _linears(self, i: int, names: tuple[str, ...], x: torch.Tensor, idx: torch.Tensor | None) -> list:
+    def _linears(self, i: int, names: tuple[str, ...], x: torch.Tensor, lora: _StepLoRA | None) -> list:
         """Layer i's linears ``names`` on the same input x (N, in): one GEMM each for every row, plus each row's
-        LoRA. Decoding ("paged"), the linears' shrinks share one gather and one GEMM (``lora_delta_paged``)."""
+        LoRA: the decoding rows' by BGMV on the pages (``lora_delta_paged``, the linears' shrinks in one call),
+        each prompt's by two matmuls on its adapter's rows (SGMV, ``PagedStack.rows``: in place when they are
+        one run of pages). Another ``method``: every row's on the stack gathered out of its pages."""
         ys = [self.layers[i].get_submodule(n)(x) for n in names]                 # (N, out) each: every row
-        paged = [self._stacks[f"model.layers.{i}.{n}"] for n in names]
-        todo = [k for k, p in enumerate(paged) if p is not None and idx is not None]
-        methods = {paged_method(idx, paged[k]) if self.method == "auto" else self.method for k in todo}
-        if methods == {"paged"}:                                                  # read the pages in place
-            deltas = lora_delta_paged(x, idx, [paged[k] for k in todo], self.pool.storage, self.shrink)
-        else:                                                                     # the rows, out of their pages
-            deltas = [lora_delta(x.to(self.pool.storage.dtype), idx, paged[k].gather(self.pool.storage),
-                                 "auto" if self.method in ("auto", "paged") else self.method) for k in todo]
-        for k, delta in zip(todo, deltas):
-            ys[k] = ys[k] + delta.to(ys[k].dtype)
+        stacks = [self._stacks[f"model.layers.{i}.{n}"] for n in names]
+        todo = [k for k, p in enumerate(stacks) if p is not None]
+        if lora is None or not todo:
+            return ys
+        storage = self.pool.storage
+        if self.method not in ("auto", "paged"):                                 # the rows, out of their pages
+            for k in todo:
+                ys[k] += lora_delta(x.to(storage.dtype), lora.idx, stacks[k].gather(storage), self.method
+                                    ).to(ys[k].dtype)
+            return ys
+        if lora.paged_idx is not None:                                           # BGMV, reading the pages
+            deltas = lora_delta_paged(x, lora.paged_idx, [stacks[k] for k in todo], storage, self.shrink,
+                                      [lora.pairs(stacks[k], storage.dtype) for k in todo])
+            for k, delta in zip(todo, deltas):
+                ys[k] += delta.to(ys[k].dtype)
+        x = x.to(storage.dtype)
+        for k in todo:                                                           # SGMV, prompt by prompt
+            for slot, segments in lora.prompts.items():
+                A, Bt, scaling = stacks[k].rows(storage, slot)                   # (r, in), (r, out)
+                for rows in segments if len(A) else ():
+                    ys[k][rows].addmm_((x[rows] @ A.T).to(ys[k].dtype), Bt.to(ys[k].dtype), alpha=scaling)
         return ys
 
     # -- generation ----------------------------------------------------------------------------------------
@@ -252,7 +267,7 @@ class Server:
         positions = torch.tensor([r.cached + j for r, n in zip(batch, new) for j in range(len(n))], device=device)
         idx = torch.tensor([slots[r.adapter] if r.adapter is not None else -1 for r, n in zip(batch, new) for _ in n],
                            dtype=torch.int64, device=device)
-        idx = idx if bool((idx >= 0).any()) else None                  # None: no row has an adapter this step
+        lora = _StepLoRA(batch, new, idx, slots, prompts_paged=self.method == "paged") if slots else None
         ends = torch.tensor([len(n) for n in new]).cumsum(0) - 1
         per_token = len(self.layers) * self.pages_per_token
         grown = [self.pool.allocate(r.owner, len(n) * per_token).view(len(n), per_token) for r, n in zip(batch, new)]
@@ -264,13 +279,13 @@ class Server:
         cos, sin = inner.rotary_emb(x[None], positions[None])                                     # (1, N, d)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            q, k, v = self._linears(i, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h, idx)
+            q, k, v = self._linears(i, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h, lora)
             q, k = _rope(q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim), cos, sin)
             attn = self._attention(i, layer.self_attn.scaling, plan, q, k.reshape(-1, self.kv_dim), v)
-            x = x + self._linears(i, ("self_attn.o_proj",), attn, idx)[0]
+            x = x + self._linears(i, ("self_attn.o_proj",), attn, lora)[0]
             h = layer.post_attention_layernorm(x)
-            gate, up = self._linears(i, ("mlp.gate_proj", "mlp.up_proj"), h, idx)
-            x = x + self._linears(i, ("mlp.down_proj",), layer.mlp.act_fn(gate) * up, idx)[0]
+            gate, up = self._linears(i, ("mlp.gate_proj", "mlp.up_proj"), h, lora)
+            x = x + self._linears(i, ("mlp.down_proj",), layer.mlp.act_fn(gate) * up, lora)[0]
         last = inner.norm(x[ends.to(device)])                                                     # (requests, H)
         for r, n in zip(batch, new):
             r.cached += len(n)
@@ -303,6 +318,27 @@ class Server:
             out[plan.decode_rows] = F.scaled_dot_product_attention(
                 qd, keys, values, attn_mask=plan.decode_mask, scale=scaling, enable_gqa=True)[:, :, 0]
         return out.reshape(q.shape[0], -1)                                                      # (N, heads · d)
+
+
+class _StepLoRA:
+    """Which rows of a step take which adapter: idx (N,) (slot, -1: none); paged_idx, the rows BGMV serves (the
+    decoding ones; with ``prompts_paged``, all), -1 elsewhere, None if none; prompts, {slot: [row slices]} of the
+    prompts the rest serve; and the ``ragged_pairs`` of paged_idx, computed once per stack layout."""
+
+    def __init__(self, batch, new, idx: torch.Tensor, slots: dict, prompts_paged: bool):
+        self.idx, self.prompts, self._pairs, row = idx, {}, {}, 0
+        paged = idx.clone()
+        for r, n in zip(batch, new):
+            if r.cached == 0 and r.adapter is not None and not prompts_paged:
+                self.prompts.setdefault(slots[r.adapter], []).append(slice(row, row + len(n)))
+                paged[row:row + len(n)] = -1
+            row += len(n)
+        self.paged_idx = paged if bool((paged >= 0).any()) else None
+
+    def pairs(self, stack, dtype):
+        if stack.layout not in self._pairs:
+            self._pairs[stack.layout] = ragged_pairs(self.paged_idx, stack, dtype)
+        return self._pairs[stack.layout]
 
 
 class _AttentionPlan:
