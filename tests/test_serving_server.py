@@ -68,6 +68,9 @@ def test_a_small_pool_makes_requests_wait_not_fail(folders):
     got = server.generate(asks, ["sql", None, "sql"], max_new_tokens=8)   # 12 + 11 + 13 tokens: not all at once
     assert got == [peft_greedy(folders["sql"] if n else None, p, 8) for p, n in zip(asks, ["sql", None, "sql"])]
     assert server.pool.peak_used <= server.pool.n_pages
+    queued, ttft = server.stats["queued"], server.stats["time_to_first_token"]   # per request, from the call
+    assert queued[0] == min(queued) and queued[2] > ttft[0]  # the third waited for the first's pages to come back
+    assert all(q < t <= server.stats["seconds"] for q, t in zip(queued, ttft))
 
 
 def test_adapters_and_keys_and_values_share_the_pool(folders):

@@ -14,7 +14,7 @@ tokens, greedy:
     peft mixed batch  peft's ``generate(..., adapter_names=...)``: the 32 prompts as one batch (same length, so no
                       padding), each linear layer looping over the adapters present
 
-Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run, and lorabook's median time from admission
+Rows: ``tokens_per_s`` (new tokens over the wall time of the whole run, and lorabook's median time from the call
 to a request's first token, ``time_to_first_token``; lorabook and the mixed batch: the median of
 5 interleaved runs, ``paired_ratio`` beside it), lorabook vs each peer, with ``outputs_equal`` (every request's tokens
 the same in both); and what zero-padding every adapter to the largest rank
@@ -98,7 +98,7 @@ def _bench(quick: bool, tmp: Path) -> list[dict]:
 
     def ours():
         out["ours"] = server.generate(prompts, names, NEW)
-        out["ttft"] = statistics.median(server.stats["time_to_first_token"])   # admitted -> first token
+        out["ttft"] = statistics.median(server.stats["time_to_first_token"])   # the call -> first token
 
     def mixed():
         out["mixed"] = peft_mixed(model, prompts, names, NEW)

@@ -52,8 +52,8 @@ class _Request:
     out: list[int] = field(default_factory=list)
     cached: int = 0                          # tokens whose keys and values are in the pool
     pages: torch.Tensor | None = None        # (cached, layers · pages_per_token) page ids, token by token
-    admitted: float = 0.0
-    first_token: float | None = None
+    admitted: float = 0.0                    # seconds after the call (every request arrives with it)
+    first_token: float | None = None         # seconds after the call: time to first token
 
     @property
     def owner(self) -> str:
@@ -219,29 +219,32 @@ class Server:
 
     def generate(self, input_ids: list[list[int]], adapter_names: list[str | None], max_new_tokens: int
                  ) -> list[list[int]]:
-        """Greedy: the new tokens of every request (in order), each as if it ran alone with its own adapter."""
+        """Greedy: the new tokens of every request (in order), each as if it ran alone with its own adapter.
+
+        Afterwards ``stats``: seconds, steps, tokens, tokens_per_s, and per request (in order) ``time_to_first_token``
+        (seconds from the call, when every request arrives, to its first new token) and ``queued`` (seconds it
+        waited for room in the batch and the pool)."""
         waiting = self._check_requests(input_ids, adapter_names, max_new_tokens)
-        self.stats = {"time_to_first_token": []}
+        all_requests = list(waiting)
         running: list[_Request] = []
-        done: dict[int, list[int]] = {}
         start, steps, tokens = time.perf_counter(), 0, 0
         while waiting or running:
             while waiting and len(running) < self.max_batch and self._fits(running, waiting[0]):
-                waiting[0].admitted = time.perf_counter()
+                waiting[0].admitted = time.perf_counter() - start
                 running.append(waiting.pop(0))
             for r, token in zip(running, self._step(running)):
                 r.out.append(token)
                 if r.first_token is None:
-                    r.first_token = time.perf_counter() - r.admitted
+                    r.first_token = time.perf_counter() - start
             tokens, steps = tokens + len(running), steps + 1
             for r in [r for r in running if len(r.out) == r.max_new or r.out[-1] in self.eos]:
                 self.pool.release(r.owner)
                 running.remove(r)
-                done[r.index] = r.out
-                self.stats["time_to_first_token"].append(r.first_token)
         seconds = time.perf_counter() - start
-        self.stats.update(seconds=seconds, steps=steps, tokens=tokens, tokens_per_s=tokens / seconds)
-        return [done[i] for i in range(len(input_ids))]
+        self.stats = dict(seconds=seconds, steps=steps, tokens=tokens, tokens_per_s=tokens / seconds,
+                          time_to_first_token=[r.first_token for r in all_requests],
+                          queued=[r.admitted for r in all_requests])
+        return [r.out for r in all_requests]
 
     def _reserved(self, running: list[_Request]) -> int:
         """Pages the running requests' keys and values will still take (allocated as their tokens come)."""
