@@ -73,6 +73,27 @@ def test_a_small_pool_makes_requests_wait_not_fail(folders):
     assert all(q < t <= server.stats["seconds"] for q, t in zip(queued, ttft))
 
 
+def test_a_fault_half_way_leaves_no_request_in_the_pool(folders, monkeypatch):
+    server = Server(tiny_llama(0), max_batch=2)
+    server.add_adapter("sql", folders["sql"])
+    asks, names = prompts(3), ["sql", None, "sql"]
+    attention, calls = server._attention, []
+
+    def failing(*args):                                       # the fifth layer's attention: step 3, mid-forward
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("fault")
+        return attention(*args)
+
+    monkeypatch.setattr(server, "_attention", failing)
+    with pytest.raises(RuntimeError, match="fault"):
+        server.generate(asks, names, max_new_tokens=4)
+    assert server.pool.used_pages == server.cache.used_pages  # only the adapter's pages: no keys or values left
+    monkeypatch.undo()
+    assert server.generate(asks, names, 4) == [peft_greedy(folders[n] if n else None, p, 4)
+                                               for p, n in zip(asks, names)]
+
+
 def test_adapters_and_keys_and_values_share_the_pool(folders):
     """Room for one adapter and one request at a time: the adapters take turns in the pages (evicted when idle),
     each request still as peft alone."""

@@ -228,18 +228,22 @@ class Server:
         all_requests = list(waiting)
         running: list[_Request] = []
         start, steps, tokens = time.perf_counter(), 0, 0
-        while waiting or running:
-            while waiting and len(running) < self.max_batch and self._fits(running, waiting[0]):
-                waiting[0].admitted = time.perf_counter() - start
-                running.append(waiting.pop(0))
-            for r, token in zip(running, self._step(running)):
-                r.out.append(token)
-                if r.first_token is None:
-                    r.first_token = time.perf_counter() - start
-            tokens, steps = tokens + len(running), steps + 1
-            for r in [r for r in running if len(r.out) == r.max_new or r.out[-1] in self.eos]:
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.max_batch and self._fits(running, waiting[0]):
+                    waiting[0].admitted = time.perf_counter() - start
+                    running.append(waiting.pop(0))
+                for r, token in zip(running, self._step(running)):
+                    r.out.append(token)
+                    if r.first_token is None:
+                        r.first_token = time.perf_counter() - start
+                tokens, steps = tokens + len(running), steps + 1
+                for r in [r for r in running if len(r.out) == r.max_new or r.out[-1] in self.eos]:
+                    self.pool.release(r.owner)
+                    running.remove(r)
+        finally:                                   # a fault (or Ctrl-C) half-way: the pool keeps no request's pages
+            for r in running:
                 self.pool.release(r.owner)
-                running.remove(r)
         seconds = time.perf_counter() - start
         self.stats = dict(seconds=seconds, steps=steps, tokens=tokens, tokens_per_s=tokens / seconds,
                           time_to_first_token=[r.first_token for r in all_requests],
